@@ -1,0 +1,150 @@
+"""Opening a server connection for a client, up to the server's first answer.
+
+Until the server's first message nothing has reached the client, so a
+refusal there (no slot, server starting or stopping, nobody listening) can
+be retried with the same startup packet. Everything from a first message
+that is not such a refusal on belongs to the client and is relayed as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from .config import Address
+from .errors import ProtocolError
+from .wire import MessageFramer, parse_fields
+
+# SQLSTATEs that mean "no session for you right now", sent before any authentication.
+RETRYABLE_SQLSTATES = frozenset({
+    "53300",  # too_many_connections: every slot taken
+    "57P03",  # cannot_connect_now: starting up, shutting down, in recovery
+})
+
+_ERROR = ord("E")
+
+
+class ConnectFailed(Exception):
+    """The server could not take this client yet; nothing reached the client."""
+
+    def __init__(self, what: str, *, sqlstate: str | None = None, message: str | None = None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.sqlstate = sqlstate  # set when the server itself refused
+        self.message = message
+
+    @property
+    def unreachable(self) -> bool:
+        return self.sqlstate is None
+
+
+@dataclass(slots=True)
+class Answered:
+    """A server connection whose first answer is the client's to see.
+
+    Reading is paused; `received` holds what arrived so far, to relay first.
+    """
+
+    transport: asyncio.Transport
+    received: bytearray
+
+
+class _FirstAnswer(asyncio.Protocol):
+    def __init__(self, result: asyncio.Future[bytearray]) -> None:
+        self.result = result
+        self.received = bytearray()
+        self.framer = MessageFramer(keep=b"E", max_body=64 * 1024)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+        if self.result.done():
+            return
+        try:
+            messages = self.framer.feed(data)
+        except ProtocolError:
+            messages = [(0, None)]  # not our business: let the client see it
+        if not messages:
+            return
+        mtype, body = messages[0]
+        if mtype == _ERROR and body is not None:
+            try:
+                fields = parse_fields(body)
+            except ProtocolError:
+                fields = {}
+            sqlstate = fields.get("C")
+            if sqlstate in RETRYABLE_SQLSTATES:
+                message = fields.get("M", "")
+                self.result.set_exception(ConnectFailed(
+                    f"server refused: {message} ({sqlstate})", sqlstate=sqlstate, message=message))
+                self.transport.close()
+                return
+        self.transport.pause_reading()
+        self.result.set_result(self.received)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.result.done():
+            why = f"connection lost: {exc}" if exc else "server closed the connection before answering"
+            self.result.set_exception(ConnectFailed(why))
+
+
+async def connect(address: Address, first_bytes: bytes, timeout: float) -> Answered:
+    """Connect, send `first_bytes` (the startup packet and what followed), await the answer.
+
+    Raises ConnectFailed when the attempt may be retried later.
+    """
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[bytearray] = loop.create_future()
+    transport: asyncio.Transport | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(
+                lambda: _FirstAnswer(result), address.host, address.port)
+            transport.write(first_bytes)
+            received = await result
+    except TimeoutError:
+        if transport is not None:
+            transport.abort()
+        raise ConnectFailed(f"no answer within {timeout:g} s (backend.connect_timeout)") from None
+    except OSError as e:
+        if transport is not None:
+            transport.abort()
+        raise ConnectFailed(e.strerror or str(e)) from None
+    except BaseException:
+        if transport is not None:
+            transport.abort()
+        raise
+    return Answered(transport, received)
+
+
+class _CancelSender(asyncio.Protocol):
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def send_cancel(address: Address, packet: bytes, timeout: float) -> None:
+    """Deliver a CancelRequest and wait until the server has taken it (it closes).
+
+    A cancel needs no connection slot: the server handles it before a backend
+    takes one. Errors propagate as OSError or TimeoutError.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    async with asyncio.timeout(timeout):
+        transport, _ = await loop.create_connection(
+            lambda: _CancelSender(done), address.host, address.port)
+        try:
+            transport.write(packet)
+            await done
+        finally:
+            transport.close()

@@ -1,0 +1,117 @@
+"""The asyncio face of admission: waiters sleep on futures, backoff runs on a timer.
+
+A waiter that is cancelled (its client hung up, its deadline passed) leaves
+the queue in `acquire` itself, so no path can leave a ghost behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .admission import Admission, Decision, Limits, State, Ticket
+from .errors import ClientError, Reason
+
+
+def shutdown_error() -> ClientError:
+    return ClientError(Reason.SHUTDOWN, "57P01", "slotproxy is shutting down",
+                       hint="Connect again in a moment.")
+
+
+class Gate:
+    """Admission for one server, with futures for the waiters and a backoff timer."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.closed = False
+        self.server_refusals = 0  # connections the server refused before answering
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    async def acquire(self, ticket: Ticket) -> None:
+        """Return once `ticket` holds a slot. Raises ClientError when refused."""
+        if self.closed:
+            if ticket.state is State.WAITING:  # refused by the server just before
+                self.admission.leave(ticket)
+            raise shutdown_error()
+        loop = asyncio.get_running_loop()
+        if ticket.state is State.NEW:
+            decision = self.admission.arrive(ticket, loop.time())
+            if decision is Decision.ADMITTED:
+                return
+            if decision is Decision.QUEUE_FULL:
+                raise self._queue_full()
+        if ticket.state is State.HOLDING:
+            return
+        waker = loop.create_future()
+        ticket.waker = waker
+        try:
+            await waker
+        except BaseException:
+            if ticket.state is State.WAITING:
+                self.admission.leave(ticket)
+            elif ticket.state is State.HOLDING:
+                self.release(ticket)  # admitted just as we were cancelled
+            raise
+        finally:
+            ticket.waker = None
+
+    def release(self, ticket: Ticket) -> None:
+        self._wake(self.admission.release(ticket, self._now()))
+
+    def answered(self, ticket: Ticket) -> None:
+        self._wake(self.admission.answered(ticket, self._now()))
+
+    def refused(self, ticket: Ticket) -> None:
+        """The server refused before answering: back to the front, back off."""
+        self.server_refusals += 1
+        self.admission.refused(ticket, self._now())
+        self._schedule()
+
+    def set_limits(self, limits: Limits) -> None:
+        self._wake(self.admission.set_limits(limits, self._now()))
+
+    def close(self) -> None:
+        """Refuse every waiter with 57P01 and admit nobody from now on."""
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        error = shutdown_error()
+        for ticket in self.admission.drain():
+            if ticket.waker is not None and not ticket.waker.done():
+                ticket.waker.set_exception(error)
+
+    def _queue_full(self) -> ClientError:
+        limit = self.admission.limits.max_queue
+        return ClientError(
+            Reason.QUEUE_FULL, "53300",
+            f"slotproxy queue full: {self.admission.waiting} clients already waiting "
+            f"for a server slot (admission.max_queue = {limit})",
+            hint="Retry later, or raise admission.max_queue.",
+        )
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def _wake(self, admitted: list[Ticket]) -> None:
+        for ticket in admitted:
+            if ticket.waker is not None and not ticket.waker.done():
+                ticket.waker.set_result(None)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        when = self.admission.blocked_until
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None and not self.closed:
+            self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._wake(self.admission.unblock(self._now()))

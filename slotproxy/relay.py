@@ -1,0 +1,169 @@
+"""The byte pump: two asyncio.Protocol halves that write what they read to each other.
+
+Knows nothing of PostgreSQL. Flow control is coupled across the pair: when
+one transport's write buffer passes its high-water mark, reading stops on
+the other until it drains. An optional observer sees each chunk from the
+server, for the session to follow what it needs (kept off the plain path).
+
+Closing: the server closing makes the client transport close once its
+buffer is flushed, so a server FATAL reaches the client first. The client
+going away half-closes the server side (write_eof) and keeps reading until
+the server closes: only then is the server's slot free again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+WRITE_HIGH_WATER = 256 * 1024
+
+Observer = Callable[[bytes], None]
+
+
+class _Half(asyncio.Protocol):
+    __slots__ = ("relay", "peer", "transport")
+
+    def __init__(self, relay: Relay, transport: asyncio.Transport, peer: asyncio.Transport) -> None:
+        self.relay = relay
+        self.transport = transport
+        self.peer = peer
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+
+    # Our transport's write buffer is full: stop reading what fills it.
+    def pause_writing(self) -> None:
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+
+
+class _ClientHalf(_Half):
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.last_client_chunk = data
+        self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.relay._client_gone()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay._client_gone()
+        self.relay._client_closed()
+
+
+class _ServerHalf(_Half):
+    __slots__ = ("observer",)
+
+    def __init__(self, relay: Relay, transport: asyncio.Transport, peer: asyncio.Transport,
+                 observer: Observer | None) -> None:
+        super().__init__(relay, transport, peer)
+        self.observer = observer
+
+    def data_received(self, data: bytes) -> None:
+        if self.observer is not None:
+            self.observer(data)
+        self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.relay._server_gone()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay._server_gone()
+        self.relay._server_closed()
+
+
+class _Drain(asyncio.Protocol):
+    """The server side once the client is gone: discard until the server closes."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay._server_closed()
+
+
+class Relay:
+    """Couples a client transport with a server transport.
+
+    `server_closed` resolves when the server's connection is closed (its slot
+    is free), `done` when both are. `on_client_gone(last_chunk)` runs once if
+    the client leaves while the server connection is still open.
+    """
+
+    def __init__(
+        self,
+        client: asyncio.Transport,
+        server: asyncio.Transport,
+        *,
+        observer: Observer | None = None,
+        on_client_gone: Callable[[bytes], None] | None = None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.client = client
+        self.server = server
+        self.server_closed: asyncio.Future[None] = loop.create_future()
+        self.client_closed: asyncio.Future[None] = loop.create_future()
+        self.last_client_chunk = b""
+        self._on_client_gone = on_client_gone
+        self._client_left = False
+        self._server_left = False
+        for t in (client, server):
+            t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.server_half = _ServerHalf(self, server, client, observer)
+        client.set_protocol(_ClientHalf(self, client, server))
+        server.set_protocol(self.server_half)
+
+    def set_observer(self, observer: Observer | None) -> None:
+        self.server_half.observer = observer
+
+    def close(self) -> None:
+        """Close both sides now (shutdown timeout)."""
+        self.client.abort()
+        self.server.abort()
+
+    def _client_gone(self) -> None:
+        if self._client_left:
+            return
+        self._client_left = True
+        self.client.close()
+        if self._server_left:
+            return
+        if self._on_client_gone is not None:
+            self._on_client_gone(self.last_client_chunk)
+        # Keep reading until the server closes, so we know its slot is free.
+        self.server.set_protocol(_Drain(self))
+        self.server.resume_reading()
+        if self.server.can_write_eof():
+            self.server.write_eof()
+        else:
+            self.server.close()
+
+    def _server_gone(self) -> None:
+        if self._server_left:
+            return
+        self._server_left = True
+        if not self._client_left:
+            # Stops reading the client at once; writes what is buffered
+            # (such as the server's FATAL) before closing.
+            self.client.close()
+
+    def _server_closed(self) -> None:
+        self._server_gone()
+        if not self.server_closed.done():
+            self.server_closed.set_result(None)
+
+    def _client_closed(self) -> None:
+        if not self.client_closed.done():
+            self.client_closed.set_result(None)

@@ -1,0 +1,131 @@
+"""Listeners, the registry of live sessions and tasks, lifecycle and shutdown.
+
+Everything a session shares with others lives on the `Proxy` object and is
+passed in, never global: tests run as many proxies in one process as they like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+from .admission import Admission, Limits
+from .config import Address, Config
+from .gate import Gate
+from .session import Handshake, Phase, Session
+
+logger = logging.getLogger("slotproxy.server")
+
+LISTEN_BACKLOG = 4096  # bursts of clients arrive at once; the kernel caps it at somaxconn
+
+
+class Proxy:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.gate = Gate(Admission(Limits(
+            max_slots=config.admission.max_backend_slots,
+            max_queue=config.admission.max_queue,
+        )))
+        self.sessions: set[Session] = set()
+        self.cancel_keys: dict[tuple[int, bytes], Session] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listeners: list[asyncio.base_events.Server] = []
+        self._ids = itertools.count(1)
+        self._all_closed: asyncio.Event | None = None
+        self.stopping = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+        listen = self.config.proxy.listen
+        server = await loop.create_server(
+            lambda: Handshake(self), listen.host, listen.port,
+            backlog=LISTEN_BACKLOG, reuse_address=True)
+        self._listeners.append(server)
+        logger.info("listening on %s; server %s; at most %d server sessions, %d waiting",
+                    ", ".join(str(a) for a in self.addresses), self.config.backend.address,
+                    self.config.admission.max_backend_slots, self.config.admission.max_queue)
+
+    @property
+    def addresses(self) -> list[Address]:
+        """The addresses actually bound (the port is known here when listen port is 0)."""
+        found = []
+        for server in self._listeners:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                found.append(Address(host, port))
+        return found
+
+    async def shutdown(self) -> None:
+        """Stop accepting, refuse waiters with 57P01, let sessions finish, then close."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self._stop_listening()
+        waiting = self.gate.admission.waiting
+        self.gate.close()
+        live = sum(1 for s in self.sessions if s.phase in (Phase.CONNECTING, Phase.RELAYING))
+        timeout = self.config.proxy.shutdown_timeout
+        logger.info("shutting down: %d waiting clients refused; %d sessions may finish "
+                    "within %g s (proxy.shutdown_timeout)", waiting, live, timeout)
+        assert self._all_closed is not None
+        try:
+            async with asyncio.timeout(timeout):
+                await self._all_closed.wait()
+        except TimeoutError:
+            logger.warning("shutdown timeout: closing %d sessions", len(self.sessions))
+            await self.abort()
+        await self._drain_tasks()
+
+    async def abort(self) -> None:
+        """Close everything now."""
+        self.stopping = True
+        self._stop_listening()
+        self.gate.close()
+        for session in list(self.sessions):
+            session.stop()
+        if self._all_closed is not None:
+            await self._all_closed.wait()
+        await self._drain_tasks()
+
+    def _stop_listening(self) -> None:
+        for server in self._listeners:
+            server.close()
+
+    async def _drain_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- sessions --------------------------------------------------------------------
+
+    def open_session(self, transport: asyncio.Transport, handshake: Handshake) -> Session:
+        session = Session(self, transport, handshake, next(self._ids))
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sessions.add(session)
+        assert self._all_closed is not None
+        self._all_closed.clear()
+        session.task = asyncio.get_running_loop().create_task(session.run())
+        session.task.add_done_callback(lambda _: self._session_done(session))
+        return session
+
+    def _session_done(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions and self._all_closed is not None:
+            self._all_closed.set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a helper task the proxy keeps referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,405 @@
+"""One client's life, as an explicit state machine.
+
+    HANDSHAKE -> QUEUED -> CONNECTING -> RELAYING -> CLOSED
+                   ^-----------'
+        (the server refused before answering: back to the queue's front)
+
+`Handshake` is the client connection's protocol until relaying starts: it
+feeds the sans-IO reader, answers SSLRequest/GSSENCRequest with 'N', and
+keeps reading while the client waits, so that a hang-up is seen at once and
+bytes sent early are kept for the server. `Session.run` is the one task
+that drives the phases; it is cancelled when the client leaves before its
+session is relayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from typing import TYPE_CHECKING, Any
+
+from . import backend, wire
+from .admission import State, Ticket
+from .errors import ClientError, ProtocolError, Reason
+from .relay import Relay
+
+if TYPE_CHECKING:
+    from .server import Proxy
+
+logger = logging.getLogger("slotproxy.session")
+
+# What a client may send after its startup packet before the server answered.
+EARLY_BYTES_LIMIT = 64 * 1024
+# How long a closed session waits for the client to take what is still buffered.
+CLIENT_FLUSH_TIMEOUT = 10.0
+TERMINATE = b"X\x00\x00\x00\x04"
+
+
+class Phase(enum.Enum):
+    HANDSHAKE = "handshake"
+    QUEUED = "queued"
+    CONNECTING = "connecting"
+    RELAYING = "relaying"
+    CLOSED = "closed"
+
+
+class Handshake(asyncio.Protocol):
+    """The client connection from accept until its session is relayed."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.reader = wire.StartupReader()
+        self.early = bytearray()
+        self.session: Session | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.session = self.proxy.open_session(transport, self)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        if self.reader.finished:
+            self._keep(data)
+            return
+        self.reader.feed(data)
+        try:
+            while (event := self.reader.next_event()) is not wire.NEED_DATA:
+                if isinstance(event, (wire.SSLRequest, wire.GSSENCRequest)):
+                    self.transport.write(wire.NOT_SUPPORTED)
+                    continue
+                session.first_packet(event)
+                self._keep(self.reader.take_trailing())
+                return
+        except ProtocolError as e:
+            session.abort(e)
+
+    def _keep(self, data: bytes) -> None:
+        if not data:
+            return
+        self.early += data
+        if len(self.early) > EARLY_BYTES_LIMIT:
+            self.transport.pause_reading()
+            self.session.abort(ProtocolError(  # type: ignore[union-attr]
+                f"client sent more than {EARLY_BYTES_LIMIT} bytes before the server answered"))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is not None:
+            self.session.client_lost()
+
+
+class Session:
+    """One client connection and, once admitted, its server connection."""
+
+    def __init__(self, proxy: Proxy, transport: asyncio.Transport, handshake: Handshake,
+                 conn_id: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.proxy = proxy
+        self.transport = transport
+        self.handshake = handshake
+        self.id = conn_id
+        self.phase = Phase.HANDSHAKE
+        self.connected_at = loop.time()
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.client_addr: str = peer[0]
+        self.client_port: int = peer[1]
+        self.startup: wire.StartupMessage | None = None
+        self.ticket = Ticket(info=self)
+        self.backend_address = proxy.config.backend.address
+        self.backend_key: tuple[int, bytes] | None = None
+        self.relay: Relay | None = None
+        self.reason: Reason | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.log = _Prefixed(logger, self)
+        self._first: asyncio.Future[Any] = loop.create_future()
+        self._abort_error: ClientError | None = None
+        self._client_gone = False
+
+    # -- identity ------------------------------------------------------------
+
+    @property
+    def user(self) -> str:
+        return self.startup.user if self.startup else ""
+
+    @property
+    def database(self) -> str:
+        return self.startup.database if self.startup else ""
+
+    @property
+    def application_name(self) -> str:
+        return self.startup.application_name if self.startup else ""
+
+    def prefix(self) -> str:
+        addr = f"[{self.client_addr}]" if ":" in self.client_addr else self.client_addr
+        who = f" {self.user}@{self.database}" if self.startup else ""
+        return f"C-{self.id}{who} {addr}:{self.client_port}"
+
+    # -- events from the client's protocol --------------------------------------
+
+    def first_packet(self, event: Any) -> None:
+        if not self._first.done():
+            self._first.set_result(event)
+
+    def abort(self, error: ClientError) -> None:
+        """Refuse the client with `error` in whatever phase before relaying."""
+        if not self._first.done():
+            self._first.set_exception(error)
+        elif self.phase is not Phase.RELAYING and self._abort_error is None and self.task:
+            self._abort_error = error
+            self.task.cancel()
+
+    def client_lost(self) -> None:
+        self._client_gone = True
+        if self.phase in (Phase.HANDSHAKE, Phase.QUEUED, Phase.CONNECTING) and self.task:
+            self.task.cancel()
+
+    def stop(self) -> None:
+        """End this session now (shutdown timeout, second signal)."""
+        if self.relay is not None:
+            self.relay.close()
+        elif self.task is not None:
+            self.task.cancel()
+
+    # -- the task -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except ClientError as e:
+            self._refuse(e)
+        except asyncio.CancelledError:
+            if self._abort_error is not None:
+                self._refuse(self._abort_error)
+            elif self._client_gone:
+                self._finish(Reason.CLIENT_GONE)
+            else:
+                self._finish(Reason.SHUTDOWN)
+        except Exception:
+            self.log.exception("internal error")
+            self._refuse(ClientError(Reason.PROTOCOL_ERROR, "XX000", "slotproxy internal error"))
+        finally:
+            self._cleanup()
+
+    async def _run(self) -> None:
+        config = self.proxy.config
+        try:
+            async with asyncio.timeout(config.proxy.startup_timeout):
+                event = await self._first
+        except TimeoutError:
+            if self.handshake.reader.pending:
+                raise ClientError(
+                    Reason.STARTUP_TIMEOUT, "08P01",
+                    f"incomplete startup packet after {config.proxy.startup_timeout:g} s "
+                    "(proxy.startup_timeout)") from None
+            self.log.debug("closed: sent nothing within %g s (proxy.startup_timeout)",
+                           config.proxy.startup_timeout)
+            self._finish(Reason.STARTUP_TIMEOUT)
+            return
+        if isinstance(event, wire.CancelRequest):
+            await self._forward_cancel(event)
+            return
+        if isinstance(event, wire.DirectTLS):
+            self.log.info("direct TLS connection closed: TLS is not enabled")
+            self._finish(Reason.TLS_UNSUPPORTED)
+            return
+        self.startup = event
+        answered, sent = await self._admit()
+        await self._relay(answered, sent)
+
+    async def _admit(self) -> tuple[backend.Answered, int]:
+        """Wait for a slot and connect; retry refusals until the queue deadline."""
+        loop = asyncio.get_running_loop()
+        config = self.proxy.config
+        gate = self.proxy.gate
+        started = loop.time()
+        deadline = started + config.admission.queue_timeout
+        failure: backend.ConnectFailed | None = None
+        attempts = 0
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    self.phase = Phase.QUEUED
+                    await gate.acquire(self.ticket)
+                    self.phase = Phase.CONNECTING
+                    sent = len(self.handshake.early)
+                    try:
+                        answered = await backend.connect(
+                            self.backend_address, self.startup.raw + self.handshake.early,
+                            config.backend.connect_timeout)
+                    except backend.ConnectFailed as e:
+                        failure = e
+                        attempts += 1
+                        self.log.debug("attempt %d: %s; waiting to retry", attempts, e.what)
+                        gate.refused(self.ticket)
+                        continue
+                    gate.answered(self.ticket)
+                    self._decided("admitted", loop.time() - started, attempts)
+                    return answered, sent
+        except TimeoutError:
+            error = self._deadline_error(loop.time() - started, failure, attempts)
+            self._decided(f"refused ({error.reason.value})", loop.time() - started, attempts)
+            raise error from None
+        except ClientError as e:
+            self._decided(f"refused ({e.reason.value})", loop.time() - started, attempts)
+            raise
+        except asyncio.CancelledError:
+            if self._client_gone:
+                self._decided("left: client hung up", loop.time() - started, attempts)
+            raise
+
+    def _deadline_error(self, waited: float, failure: backend.ConnectFailed | None,
+                        attempts: int) -> ClientError:
+        limit = self.proxy.config.admission.queue_timeout
+        bound = f"admission.queue_timeout = {limit:g} s"
+        if failure is None:
+            return ClientError(
+                Reason.QUEUE_TIMEOUT, "53300",
+                f"slotproxy: no server slot came free within {waited:.1f} s ({bound})",
+                detail=f"{self.proxy.gate.admission.waiting} clients are waiting; "
+                       f"{len(self.proxy.gate.admission.holders)} of "
+                       f"{self.proxy.gate.admission.limits.max_slots} slots are in use "
+                       "(admission.max_backend_slots).",
+                hint="Retry later, or raise admission.queue_timeout.")
+        retried = f"slotproxy retried {attempts} times over {waited:.1f} s ({bound})."
+        if failure.unreachable:
+            return ClientError(
+                Reason.SERVER_UNREACHABLE, "08006",
+                f"slotproxy could not reach the server at {self.backend_address}: {failure.what}",
+                detail=retried)
+        return ClientError(Reason.QUEUE_TIMEOUT, failure.sqlstate or "53300",
+                           failure.message or failure.what, detail=retried)
+
+    def _decided(self, outcome: str, waited: float, attempts: int) -> None:
+        retries = f", {attempts} server refusals" if attempts else ""
+        self.log.info("%s after %.3f s%s (application_name=%r)",
+                      outcome, waited, retries, self.application_name)
+
+    async def _relay(self, answered: backend.Answered, sent: int) -> None:
+        self.phase = Phase.RELAYING
+        server = answered.transport
+        tracker = _StartupTracker(self)
+        self.relay = relay = Relay(self.transport, server, observer=tracker.feed,
+                                   on_client_gone=self._client_left_session)
+        early = self.handshake.early
+        if len(early) > sent:
+            server.write(early[sent:])  # arrived while we were connecting
+        self.handshake.early = bytearray()
+        tracker.feed(answered.received)
+        self.transport.write(answered.received)
+        server.resume_reading()
+
+        started = asyncio.get_running_loop().time()
+        await relay.server_closed
+        self.proxy.gate.release(self.ticket)
+        self.reason = Reason.SESSION_ENDED
+        self.log.info("session ended after %.3f s", asyncio.get_running_loop().time() - started)
+        try:
+            async with asyncio.timeout(CLIENT_FLUSH_TIMEOUT):
+                await relay.client_closed
+        except TimeoutError:
+            self.transport.abort()
+
+    def _client_left_session(self, last_chunk: bytes) -> None:
+        """The client went away while its server session is open."""
+        if last_chunk.endswith(TERMINATE) or self.backend_key is None:
+            return
+        # It may have left mid-query; the backend would run that to the end
+        # before noticing, holding the slot. Cancel it so the slot frees sooner.
+        pid, key = self.backend_key
+        self.log.info("client vanished without Terminate; cancelling backend pid %d", pid)
+        self.proxy.spawn(self._send_cancel(wire.encode_cancel(pid, key)))
+
+    async def _send_cancel(self, packet: bytes) -> None:
+        try:
+            await backend.send_cancel(self.backend_address, packet,
+                                      self.proxy.config.backend.connect_timeout)
+        except (OSError, TimeoutError) as e:
+            self.log.warning("could not deliver cancel request: %s", e)
+
+    async def _forward_cancel(self, request: wire.CancelRequest) -> None:
+        target = self.proxy.cancel_keys.get((request.pid, request.key))
+        if target is None:
+            self.log.warning("cancel request for unknown backend pid %d dropped", request.pid)
+            self._finish(Reason.CANCEL_UNKNOWN)
+            return
+        self.log.info("forwarding cancel request for backend pid %d (%s)", request.pid,
+                      target.prefix())
+        await self._send_cancel(request.raw)
+        # The client learns the cancel was delivered when we close, as with the server.
+        self._finish(Reason.CANCEL_FORWARDED)
+
+    # -- endings -------------------------------------------------------------------------
+
+    def _refuse(self, error: ClientError) -> None:
+        self.reason = error.reason
+        if error.reason in (Reason.PROTOCOL_ERROR, Reason.STARTUP_TIMEOUT):
+            self.log.warning("closing: %s", error.message)
+        if not self.transport.is_closing():
+            self.transport.write(wire.error_response(
+                error.sqlstate, error.message, detail=error.detail, hint=error.hint))
+            self.transport.close()
+
+    def _finish(self, reason: Reason) -> None:
+        self.reason = reason
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _cleanup(self) -> None:
+        self.phase = Phase.CLOSED
+        if self.ticket.state is State.HOLDING:
+            self.proxy.gate.release(self.ticket)
+        if self.backend_key is not None and self.proxy.cancel_keys.get(self.backend_key) is self:
+            del self.proxy.cancel_keys[self.backend_key]
+        if self.relay is not None:
+            if not self.relay.server_closed.done():
+                self.relay.close()
+        elif not self.transport.is_closing():
+            self.transport.close()
+
+
+class _StartupTracker:
+    """Follows the server's startup messages to learn the backend's cancel key."""
+
+    __slots__ = ("session", "framer")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.framer = wire.MessageFramer(keep=b"KZ")
+
+    def feed(self, data: bytes) -> None:
+        try:
+            messages = self.framer.feed(data)
+        except ProtocolError as e:
+            self.session.log.warning("cannot follow the server's startup messages: %s", e.message)
+            self._done()
+            return
+        for mtype, body in messages:
+            if mtype == 75 and body is not None:  # 'K' BackendKeyData
+                try:
+                    key = wire.parse_backend_key(body)
+                except ProtocolError:
+                    continue
+                self.session.backend_key = key
+                self.session.proxy.cancel_keys[key] = self.session
+            elif mtype == 90:  # 'Z' ReadyForQuery: the startup phase is over
+                self._done()
+                return
+
+    def _done(self) -> None:
+        if self.session.relay is not None:
+            self.session.relay.set_observer(None)
+
+
+class _Prefixed(logging.LoggerAdapter):
+    """Prefixes every line with the connection's id, user@database and address."""
+
+    def __init__(self, base: logging.Logger, session: Session) -> None:
+        super().__init__(base, {})
+        self.session = session
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.session.prefix()} {msg}", kwargs

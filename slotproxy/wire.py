@@ -1,0 +1,350 @@
+"""Sans-IO PostgreSQL framing: no sockets, no asyncio, bytes in and events out.
+
+Three jobs:
+- `StartupReader` parses what a client sends before its session begins
+  (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage, a direct-TLS hello).
+- `MessageFramer` follows typed messages (Byte1 type + Int32 length) in a stream,
+  keeping the bodies of the types the caller asks for and skipping the rest.
+- `error_response` encodes the FATAL ErrorResponse the proxy sends itself.
+
+The only exception raised here is `ProtocolError`; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+from .errors import ProtocolError
+
+SSL_REQUEST_CODE: Final = 80877103
+GSSENC_REQUEST_CODE: Final = 80877104
+CANCEL_REQUEST_CODE: Final = 80877102
+NEGOTIATION_MAJOR: Final = 1234  # the "protocol version" 1234.x of the special requests
+
+MIN_PACKET_LENGTH: Final = 8
+MAX_PACKET_LENGTH: Final = 10000  # PostgreSQL's MAX_STARTUP_PACKET_LENGTH
+MIN_CANCEL_KEY: Final = 4
+MAX_CANCEL_KEY: Final = 256  # protocol 3.2 allows keys up to 256 bytes
+TLS_HANDSHAKE_RECORD: Final = 0x16
+
+# The one-byte answer to SSLRequest/GSSENCRequest meaning "not here, go on in clear".
+NOT_SUPPORTED: Final = b"N"
+
+_INT32 = struct.Struct("!i")
+_HEADER = struct.Struct("!ii")
+_PAIR = struct.Struct("!ii")
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class SSLRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GSSENCRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DirectTLS:
+    """The first byte was a TLS handshake record (PostgreSQL 17 sslnegotiation=direct)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    pid: int
+    key: bytes
+    raw: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StartupMessage:
+    major: int
+    minor: int
+    params: Mapping[str, str]
+    raw: bytes = field(repr=False)
+
+    @property
+    def user(self) -> str:
+        return self.params["user"]
+
+    @property
+    def database(self) -> str:
+        return self.params.get("database") or self.params["user"]
+
+    @property
+    def application_name(self) -> str:
+        return self.params.get("application_name", "")
+
+
+FirstPacketEvent = SSLRequest | GSSENCRequest | DirectTLS | CancelRequest | StartupMessage
+
+
+class StartupReader:
+    """Parses the packets a client sends before its StartupMessage, one at a time.
+
+    Feed bytes with `feed`, then call `next_event` until it returns NEED_DATA.
+    After a StartupMessage, CancelRequest or DirectTLS the reader is finished:
+    `take_trailing()` hands over whatever bytes followed.
+    """
+
+    __slots__ = ("_buf", "_ssl_seen", "_gss_seen", "_packets", "finished")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._ssl_seen = False
+        self._gss_seen = False
+        self._packets = 0
+        self.finished = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete packet held (nonzero at EOF means truncated)."""
+        return 0 if self.finished else len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def take_trailing(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def next_event(self) -> FirstPacketEvent | _NeedData:
+        if self.finished:
+            return NEED_DATA
+        buf = self._buf
+        if not buf:
+            return NEED_DATA
+        if self._packets == 0 and buf[0] == TLS_HANDSHAKE_RECORD:
+            self.finished = True
+            return DirectTLS()
+        if len(buf) < 4:
+            return NEED_DATA
+        # Distrust the length before buffering a body.
+        (length,) = _INT32.unpack_from(buf, 0)
+        if not MIN_PACKET_LENGTH <= length <= MAX_PACKET_LENGTH:
+            raise ProtocolError(f"invalid length of startup packet: {length}")
+        if len(buf) < 8:
+            return NEED_DATA
+        _, code = _HEADER.unpack_from(buf, 0)
+        self._check_code(code, length)
+        if len(buf) < length:
+            return NEED_DATA
+        packet = bytes(buf[:length])
+        del buf[:length]
+        self._packets += 1
+        return self._parse(code, packet)
+
+    def _check_code(self, code: int, length: int) -> None:
+        """Reject a packet from its header alone, before waiting for its body."""
+        major, minor = code >> 16, code & 0xFFFF
+        if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
+            name = "SSLRequest" if code == SSL_REQUEST_CODE else "GSSENCRequest"
+            if length != 8:
+                raise ProtocolError(f"invalid length of {name}: {length}")
+            seen = self._ssl_seen if code == SSL_REQUEST_CODE else self._gss_seen
+            if seen:
+                raise ProtocolError(f"{name} sent twice")
+        elif code == CANCEL_REQUEST_CODE:
+            if not 12 + MIN_CANCEL_KEY <= length <= 12 + MAX_CANCEL_KEY:
+                raise ProtocolError(f"invalid length of cancel request: {length}")
+        elif major == NEGOTIATION_MAJOR:
+            raise ProtocolError(f"unknown request code {major}.{minor}")
+        elif major != 3:
+            raise ProtocolError(
+                f"unsupported frontend protocol {major}.{minor}: "
+                "slotproxy relays protocol 3.x",
+                "0A000",
+            )
+        elif length <= 8:
+            raise ProtocolError("invalid startup packet layout: no parameters")
+
+    def _parse(self, code: int, packet: bytes) -> FirstPacketEvent:
+        if code == SSL_REQUEST_CODE:
+            self._ssl_seen = True
+            return SSLRequest()
+        if code == GSSENC_REQUEST_CODE:
+            self._gss_seen = True
+            return GSSENCRequest()
+        self.finished = True
+        if code == CANCEL_REQUEST_CODE:
+            (pid,) = _INT32.unpack_from(packet, 8)
+            return CancelRequest(pid=pid, key=packet[12:], raw=packet)
+        return StartupMessage(
+            major=code >> 16,
+            minor=code & 0xFFFF,
+            params=MappingProxyType(_parse_params(packet[8:])),
+            raw=packet,
+        )
+
+
+def _parse_params(body: bytes) -> dict[str, str]:
+    # name\0value\0 ... name\0value\0 \0
+    if not body.endswith(b"\0"):
+        raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
+    fields = body[:-1]
+    params: dict[str, str] = {}
+    if fields:
+        if not fields.endswith(b"\0"):
+            raise ProtocolError("invalid startup packet layout: parameter without value")
+        parts = fields[:-1].split(b"\0")
+        if len(parts) % 2:
+            raise ProtocolError("invalid startup packet layout: parameter without value")
+        for i in range(0, len(parts), 2):
+            name = parts[i]
+            if not name:
+                raise ProtocolError(
+                    "invalid startup packet layout: expected terminator as last byte"
+                )
+            params[name.decode("utf-8", "surrogateescape")] = parts[i + 1].decode(
+                "utf-8", "surrogateescape"
+            )
+    if not params.get("user"):
+        raise ProtocolError("no PostgreSQL user name specified in startup packet", "28000")
+    return params
+
+
+def encode_startup(params: Mapping[str, str], major: int = 3, minor: int = 0) -> bytes:
+    """A StartupMessage, as a client would send it."""
+    body = b"".join(
+        k.encode("utf-8", "surrogateescape") + b"\0" + v.encode("utf-8", "surrogateescape") + b"\0"
+        for k, v in params.items()
+    ) + b"\0"
+    return _HEADER.pack(8 + len(body), (major << 16) | minor) + body
+
+
+def encode_cancel(pid: int, key: bytes) -> bytes:
+    return _HEADER.pack(12 + len(key), CANCEL_REQUEST_CODE) + _INT32.pack(pid) + key
+
+
+def error_response(
+    sqlstate: str,
+    message: str,
+    *,
+    detail: str | None = None,
+    hint: str | None = None,
+    severity: str = "FATAL",
+) -> bytes:
+    """An ErrorResponse ('E') message as the server would write it."""
+    parts = [b"S", severity.encode(), b"\0", b"V", severity.encode(), b"\0",
+             b"C", sqlstate.encode("ascii"), b"\0", b"M", message.encode(), b"\0"]
+    if detail:
+        parts += [b"D", detail.encode(), b"\0"]
+    if hint:
+        parts += [b"H", hint.encode(), b"\0"]
+    parts.append(b"\0")
+    body = b"".join(parts)
+    return b"E" + _INT32.pack(4 + len(body)) + body
+
+
+def parse_fields(body: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse or NoticeResponse body, keyed by their code letter."""
+    fields: dict[str, str] = {}
+    pos = 0
+    end = len(body)
+    while pos < end and body[pos] != 0:
+        stop = body.find(b"\0", pos + 1)
+        if stop < 0:
+            raise ProtocolError("malformed ErrorResponse: unterminated field")
+        fields[chr(body[pos])] = body[pos + 1:stop].decode("utf-8", "replace")
+        pos = stop + 1
+    return fields
+
+
+def parse_backend_key(body: bytes) -> tuple[int, bytes]:
+    """BackendKeyData ('K'): the pid and the secret key a client cancels with."""
+    if len(body) < 4 + MIN_CANCEL_KEY or len(body) > 4 + MAX_CANCEL_KEY:
+        raise ProtocolError(f"malformed BackendKeyData: {len(body)} bytes")
+    (pid,) = _INT32.unpack_from(body, 0)
+    return pid, bytes(body[4:])
+
+
+class MessageFramer:
+    """Finds message boundaries in a stream of typed messages.
+
+    `feed` returns `(type, body)` for each message that starts or completes in
+    the chunk. Bodies are kept only for the types in `keep` (and only up to
+    `max_body` bytes); other messages are reported at their header with body
+    None, and their bytes skipped without being buffered.
+    """
+
+    __slots__ = ("_keep", "_max_body", "_skip", "_partial")
+
+    def __init__(self, keep: bytes, max_body: int = 1 << 20) -> None:
+        self._keep = frozenset(keep)
+        self._max_body = max_body
+        self._skip = 0  # bytes left of a body we do not keep
+        self._partial = bytearray()  # an incomplete header, or a kept message so far
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes | None]]:
+        out: list[tuple[int, bytes | None]] = []
+        end = len(data)
+        pos = 0
+        if self._skip:
+            pos = min(self._skip, end)
+            self._skip -= pos
+        if self._partial and pos < end:
+            pos = self._complete_partial(data, pos, out)
+        while pos < end:
+            if end - pos < 5:
+                self._partial += data[pos:]
+                break
+            mtype = data[pos]
+            (length,) = _INT32.unpack_from(data, pos + 1)
+            if length < 4:
+                raise ProtocolError(f"invalid message length {length}")
+            body_end = pos + 1 + length
+            if mtype in self._keep and length - 4 <= self._max_body:
+                if body_end > end:
+                    self._partial += data[pos:]
+                    break
+                out.append((mtype, data[pos + 5:body_end]))
+            else:
+                out.append((mtype, None))
+                if body_end > end:
+                    self._skip = body_end - end
+                    break
+            pos = body_end
+        return out
+
+    def _complete_partial(self, data: bytes, pos: int, out: list) -> int:
+        """Finish the message begun in an earlier chunk; returns the new position."""
+        partial = self._partial
+        if len(partial) < 5:
+            take = min(5 - len(partial), len(data) - pos)
+            partial += data[pos:pos + take]
+            pos += take
+            if len(partial) < 5:
+                return pos
+        mtype = partial[0]
+        (length,) = _INT32.unpack_from(partial, 1)
+        if length < 4:
+            raise ProtocolError(f"invalid message length {length}")
+        if mtype not in self._keep or length - 4 > self._max_body:
+            partial.clear()
+            out.append((mtype, None))
+            remaining = length - 4
+            take = min(remaining, len(data) - pos)
+            self._skip = remaining - take
+            return pos + take
+        need = 1 + length - len(partial)
+        take = min(need, len(data) - pos)
+        partial += data[pos:pos + take]
+        pos += take
+        if take == need:
+            out.append((mtype, bytes(partial[5:])))
+            partial.clear()
+        return pos
