@@ -84,7 +84,7 @@ def _chown_tree(path: Path, account: pwd.struct_passwd | None) -> None:
 class Template:
     """An initdb'd data directory to copy clusters from."""
 
-    def __init__(self, base: Path | None = None) -> None:
+    def __init__(self, base: Path | None = None, init_sql: str | None = None) -> None:
         self.bindir = find_bindir()
         self.account = _run_as()
         self.base = Path(base) if base else Path(tempfile.mkdtemp(prefix="slotproxy-pg-"))
@@ -95,13 +95,18 @@ class Template:
         self._counter = 0
         self._run([str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", SUPERUSER,
                    "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+        if init_sql:
+            # Single-user mode: no port, no socket; one statement per line.
+            self._run([str(self.bindir / "postgres"), "--single", "-D", str(self.datadir), "postgres"],
+                      input=init_sql.replace("\n", " ").replace(";", ";\n"))
 
-    def _run(self, argv: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def _run(self, argv: list[str], *, timeout: float = 120,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:
         if self.account is not None:
             argv = ["runuser", "-u", self.account.pw_name, "--", *argv]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                stdin=subprocess.DEVNULL)
-        if result.returncode != 0:
+                                input=input, stdin=None if input is not None else subprocess.DEVNULL)
+        if result.returncode != 0 or "ERROR:" in result.stderr:
             raise ClusterError(f"{' '.join(argv)} failed ({result.returncode}):\n"
                                f"{result.stdout}{result.stderr}")
         return result

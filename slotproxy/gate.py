@@ -1,7 +1,7 @@
 """The asyncio face of admission: waiters sleep on futures, backoff runs on a timer.
 
 A waiter that is cancelled (its client hung up, its deadline passed) leaves
-the queue in `acquire` itself, so no path can leave a ghost behind.
+the queue in `wait` itself, so no path can leave a ghost behind.
 """
 
 from __future__ import annotations
@@ -27,22 +27,27 @@ class Gate:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
-    async def acquire(self, ticket: Ticket) -> None:
+    def enter(self, ticket: Ticket) -> bool:
+        """A new client asks for a slot: True if it holds one now, False if it waits.
+
+        Raises ClientError when it is refused (queue full, shutting down).
+        """
+        if self.closed:
+            raise shutdown_error()
+        decision = self.admission.arrive(ticket, self._now())
+        if decision is Decision.QUEUE_FULL:
+            raise self._queue_full()
+        return decision is Decision.ADMITTED
+
+    async def wait(self, ticket: Ticket) -> None:
         """Return once `ticket` holds a slot. Raises ClientError when refused."""
         if self.closed:
             if ticket.state is State.WAITING:  # refused by the server just before
                 self.admission.leave(ticket)
             raise shutdown_error()
-        loop = asyncio.get_running_loop()
-        if ticket.state is State.NEW:
-            decision = self.admission.arrive(ticket, loop.time())
-            if decision is Decision.ADMITTED:
-                return
-            if decision is Decision.QUEUE_FULL:
-                raise self._queue_full()
         if ticket.state is State.HOLDING:
             return
-        waker = loop.create_future()
+        waker = asyncio.get_running_loop().create_future()
         ticket.waker = waker
         try:
             await waker

@@ -44,7 +44,9 @@ class _ClientHalf(_Half):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
-        self.relay.last_client_chunk = data
+        relay = self.relay
+        relay.last_client_chunk = data
+        relay.client_bytes_since_server += len(data)
         self.peer.write(data)
 
     def eof_received(self) -> bool:
@@ -67,6 +69,9 @@ class _ServerHalf(_Half):
     def data_received(self, data: bytes) -> None:
         if self.observer is not None:
             self.observer(data)
+        relay = self.relay
+        relay.last_server_chunk = data
+        relay.client_bytes_since_server = 0
         self.peer.write(data)
 
     def eof_received(self) -> bool:
@@ -98,8 +103,9 @@ class Relay:
     """Couples a client transport with a server transport.
 
     `server_closed` resolves when the server's connection is closed (its slot
-    is free), `done` when both are. `on_client_gone(last_chunk)` runs once if
-    the client leaves while the server connection is still open.
+    is free), `client_closed` when the client's is. `on_client_gone(relay)`
+    runs once if the client leaves while the server connection is still open;
+    the last chunks each way tell it what the server was doing.
     """
 
     def __init__(
@@ -108,7 +114,7 @@ class Relay:
         server: asyncio.Transport,
         *,
         observer: Observer | None = None,
-        on_client_gone: Callable[[bytes], None] | None = None,
+        on_client_gone: Callable[[Relay], None] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.client = client
@@ -116,6 +122,8 @@ class Relay:
         self.server_closed: asyncio.Future[None] = loop.create_future()
         self.client_closed: asyncio.Future[None] = loop.create_future()
         self.last_client_chunk = b""
+        self.last_server_chunk = b""
+        self.client_bytes_since_server = 0
         self._on_client_gone = on_client_gone
         self._client_left = False
         self._server_left = False
@@ -141,7 +149,7 @@ class Relay:
         if self._server_left:
             return
         if self._on_client_gone is not None:
-            self._on_client_gone(self.last_client_chunk)
+            self._on_client_gone(self)
         # Keep reading until the server closes, so we know its slot is free.
         self.server.set_protocol(_Drain(self))
         self.server.resume_reading()

@@ -34,6 +34,7 @@ EARLY_BYTES_LIMIT = 64 * 1024
 # How long a closed session waits for the client to take what is still buffered.
 CLIENT_FLUSH_TIMEOUT = 10.0
 TERMINATE = b"X\x00\x00\x00\x04"
+READY_FOR_QUERY_LENGTH = b"Z\x00\x00\x00\x05"
 
 
 class Phase(enum.Enum):
@@ -85,6 +86,10 @@ class Handshake(asyncio.Protocol):
                 f"client sent more than {EARLY_BYTES_LIMIT} bytes before the server answered"))
 
     def eof_received(self) -> bool:
+        if self.reader.pending and self.session is not None:
+            # Half-closed mid-packet: it can still read why we give up.
+            self.session.abort(ProtocolError("incomplete startup packet"))
+            return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -223,7 +228,11 @@ class Session:
             async with asyncio.timeout_at(deadline):
                 while True:
                     self.phase = Phase.QUEUED
-                    await gate.acquire(self.ticket)
+                    if self.ticket.state is State.NEW and not gate.enter(self.ticket):
+                        self.log.debug("queued: %d waiting, %d of %d slots in use",
+                                       gate.admission.waiting, len(gate.admission.holders),
+                                       gate.admission.limits.max_slots)
+                    await gate.wait(self.ticket)
                     self.phase = Phase.CONNECTING
                     sent = len(self.handshake.early)
                     try:
@@ -303,14 +312,14 @@ class Session:
         except TimeoutError:
             self.transport.abort()
 
-    def _client_left_session(self, last_chunk: bytes) -> None:
+    def _client_left_session(self, relay: Relay) -> None:
         """The client went away while its server session is open."""
-        if last_chunk.endswith(TERMINATE) or self.backend_key is None:
+        if self.backend_key is None or _backend_idle(relay):
             return
-        # It may have left mid-query; the backend would run that to the end
-        # before noticing, holding the slot. Cancel it so the slot frees sooner.
+        # It left mid-request: the backend would run that to the end before
+        # noticing, holding the slot. Cancel it so the slot frees sooner.
         pid, key = self.backend_key
-        self.log.info("client vanished without Terminate; cancelling backend pid %d", pid)
+        self.log.info("client left mid-request; cancelling backend pid %d to free its slot", pid)
         self.proxy.spawn(self._send_cancel(wire.encode_cancel(pid, key)))
 
     async def _send_cancel(self, packet: bytes) -> None:
@@ -359,6 +368,17 @@ class Session:
                 self.relay.close()
         elif not self.transport.is_closing():
             self.transport.close()
+
+
+def _backend_idle(relay: Relay) -> bool:
+    """Whether the server's last word was ReadyForQuery and the client asked nothing since.
+
+    A Terminate after it does not count: the backend reads it only once idle.
+    """
+    tail = relay.last_server_chunk
+    ready = len(tail) >= 6 and tail[-6:-1] == READY_FOR_QUERY_LENGTH
+    since = relay.client_bytes_since_server
+    return ready and (since == 0 or (since == len(TERMINATE) and relay.last_client_chunk == TERMINATE))
 
 
 class _StartupTracker:

@@ -1,0 +1,158 @@
+"""Command line: argparse, logging, uvloop, signals, exit codes. The only place that exits.
+
+Exit codes: 0 done, 1 could not run (cannot listen, demo failed), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+import uvloop
+
+from . import __version__, config
+from .errors import ConfigError
+
+logger = logging.getLogger("slotproxy")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slotproxy",
+        description="Hold PostgreSQL clients in a queue at the connection-slot limit.")
+    parser.add_argument("--version", action="version", version=f"slotproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    run.add_argument("--listen", metavar="HOST:PORT", help="overrides proxy.listen")
+    run.add_argument("--backend", metavar="HOST:PORT", help="overrides backend.host and backend.port")
+    run.add_argument("--max-backend-slots", type=int, metavar="N",
+                     help="overrides admission.max_backend_slots")
+    run.add_argument("--max-queue", type=int, metavar="N", help="overrides admission.max_queue")
+    run.add_argument("--queue-timeout", type=float, metavar="S",
+                     help="overrides admission.queue_timeout")
+    _logging_args(run)
+
+    check = sub.add_parser("check-config", help="validate a configuration file and show its values")
+    check.add_argument("file", metavar="FILE")
+
+    demo = sub.add_parser(
+        "demo", help="start a throwaway PostgreSQL and show a burst of clients with and without the proxy")
+    demo.add_argument("--clients", type=int, default=100, help="clients in the burst (default 100)")
+    demo.add_argument("--max-connections", type=int, default=10,
+                      help="the throwaway server's max_connections (default 10)")
+    demo.add_argument("--hold", type=float, default=0.5,
+                      help="seconds each client keeps its session (default 0.5)")
+    _logging_args(demo, default="warning")
+    return parser
+
+
+def _logging_args(parser: argparse.ArgumentParser, default: str = "info") -> None:
+    parser.add_argument("--log-level", default=default,
+                        choices=["debug", "info", "warning", "error"], help=f"default {default}")
+
+
+def _overrides(args: argparse.Namespace) -> list[config.Override]:
+    found: list[config.Override] = []
+    if args.listen is not None:
+        found.append(("--listen", "proxy.listen", args.listen))
+    if args.backend is not None:
+        try:
+            address = config.parse_address(args.backend)
+        except ValueError as e:
+            raise ConfigError("--backend", None, str(e)) from None
+        found += [("--backend", "backend.host", address.host), ("--backend", "backend.port", address.port)]
+    for flag, key in (("max_backend_slots", "admission.max_backend_slots"),
+                      ("max_queue", "admission.max_queue"),
+                      ("queue_timeout", "admission.queue_timeout")):
+        value = getattr(args, flag)
+        if value is not None:
+            found.append(("--" + flag.replace("_", "-"), key, value))
+    return found
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return _check_config(args.file)
+        if args.command == "run":
+            cfg = config.load(args.config, _overrides(args))
+            _setup_logging(args.log_level)
+            return uvloop.run(_serve(cfg))
+        if args.command == "demo":
+            from .demo import run_demo
+
+            _setup_logging(args.log_level)
+            return uvloop.run(run_demo(clients=args.clients, max_connections=args.max_connections,
+                                       hold=args.hold))
+    except ConfigError as e:
+        print(f"slotproxy: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    raise AssertionError(args.command)
+
+
+def _check_config(path: str) -> int:
+    cfg = config.load(path)
+    print(f"{path}: OK")
+    for key, value, changed in config.describe(cfg):
+        print(f"  {key} = {value}{'' if changed else '  (default)'}")
+    return EXIT_OK
+
+
+async def _serve(cfg: config.Config) -> int:
+    from .server import Proxy
+
+    loop = asyncio.get_running_loop()
+    proxy = Proxy(cfg)
+    try:
+        await proxy.start()
+    except OSError as e:
+        logger.error("cannot listen on %s: %s", cfg.proxy.listen, e.strerror or e)
+        return EXIT_FAILED
+    stopped = asyncio.Event()
+    signals_seen = 0
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def stop(how: Any) -> None:
+        task = loop.create_task(how())
+        tasks.add(task)
+        task.add_done_callback(lambda _: stopped.set())
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        name = signal.Signals(signum).name
+        if signals_seen == 1:
+            logger.info("%s received: shutting down gracefully (again to close at once)", name)
+            stop(proxy.shutdown)
+        else:
+            logger.warning("%s received again: closing every session now", name)
+            stop(proxy.abort)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stopped.wait()
+    logger.info("stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Fixtures: throwaway PostgreSQL clusters (initdb once, copied per test) and proxies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import uvloop
+
+from slotproxy import config
+from slotproxy.cluster import Cluster, Template
+from slotproxy.server import Proxy
+
+# A password user (SCRAM) beside trust for everyone else.
+HBA = """\
+host all alice 127.0.0.1/32 scram-sha-256
+host all all   127.0.0.1/32 trust
+host all all   ::1/128      trust
+"""
+ALICE_PASSWORD = "wonderland"
+ROLES_SQL = f"create role app login; create role alice login password '{ALICE_PASSWORD}';"
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[Template]:
+    template = Template(init_sql=ROLES_SQL)
+    yield template
+    template.remove()
+
+
+@pytest.fixture
+def cluster_factory(pg_template: Template) -> Iterator[Callable[..., Cluster]]:
+    made: list[Cluster] = []
+
+    def make(**kwargs: Any) -> Cluster:
+        kwargs.setdefault("hba", HBA)
+        cluster = pg_template.cluster(**kwargs)
+        made.append(cluster)
+        cluster.start()
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.remove()
+
+
+@pytest.fixture
+def pg(cluster_factory: Callable[..., Cluster]) -> Cluster:
+    """max_connections=10 and no reserved slots: the proxy's 8 slots always fit."""
+    return cluster_factory(max_connections=10, superuser_reserved_connections=0)
+
+
+ProxyFactory = Callable[..., "asyncio.Future[Proxy]"]
+
+
+@pytest.fixture
+async def proxy_factory() -> AsyncIterator[Callable[..., Any]]:
+    started: list[Proxy] = []
+
+    async def make(cluster: Cluster, **sections: dict[str, Any]) -> Proxy:
+        data: dict[str, dict[str, Any]] = {
+            "proxy": {"listen": "127.0.0.1:0"},
+            "backend": {"host": cluster.host, "port": cluster.port},
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        proxy = Proxy(config.from_mapping(data, "test"))
+        await proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        await proxy.abort()
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)  # wait_until's poll interval

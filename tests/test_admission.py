@@ -1,0 +1,119 @@
+"""The admission policy, pure: time is passed in, no event loop."""
+
+from __future__ import annotations
+
+from slotproxy.admission import Admission, Backoff, Decision, Limits, State, Ticket
+
+
+def make(slots: int = 2, queue: int = 10) -> Admission:
+    return Admission(Limits(max_slots=slots, max_queue=queue), Backoff(first=1.0, cap=4.0))
+
+
+def arrive(adm: Admission, n: int, now: float = 0.0) -> list[Ticket]:
+    tickets = [Ticket(info=i) for i in range(n)]
+    for t in tickets:
+        adm.arrive(t, now)
+    return tickets
+
+
+def test_admits_up_to_the_limit_then_queues_in_order() -> None:
+    adm = make(slots=2)
+    a, b, c, d = arrive(adm, 4)
+    assert [t.state for t in (a, b, c, d)] == [State.HOLDING, State.HOLDING, State.WAITING, State.WAITING]
+    assert list(adm.waiters()) == [c, d]
+    assert adm.release(a, 1.0) == [c]
+    assert adm.release(b, 2.0) == [d]
+    assert adm.holders == {c, d} and adm.waiting == 0
+
+
+def test_queue_full_refuses_the_next_one() -> None:
+    adm = make(slots=1, queue=2)
+    arrive(adm, 3)
+    late = Ticket()
+    assert adm.arrive(late, 0.0) is Decision.QUEUE_FULL
+    assert late.state is State.DONE and adm.waiting == 2
+
+
+def test_max_queue_zero_refuses_as_soon_as_slots_are_full() -> None:
+    adm = make(slots=1, queue=0)
+    assert adm.arrive(Ticket(), 0.0) is Decision.ADMITTED
+    assert adm.arrive(Ticket(), 0.0) is Decision.QUEUE_FULL
+
+
+def test_a_waiter_that_leaves_never_takes_a_slot() -> None:
+    adm = make(slots=1)
+    holder, quitter, patient = arrive(adm, 3)
+    adm.leave(quitter)
+    assert quitter.state is State.DONE and adm.waiting == 1
+    assert adm.release(holder, 1.0) == [patient]
+    assert quitter not in adm.holders
+
+
+def test_newcomer_does_not_jump_the_queue() -> None:
+    adm = make(slots=1)
+    holder, _waiter = arrive(adm, 2)
+    adm.release(holder, 1.0)  # the waiter is admitted
+    newcomer = Ticket()
+    assert adm.arrive(newcomer, 1.0) is Decision.QUEUED
+
+
+def test_server_refusal_puts_the_client_back_in_front_and_backs_off() -> None:
+    adm = make(slots=3)
+    a, b, c, d = arrive(adm, 4)  # a, b, c hold; d waits
+    adm.refused(b, now=10.0)
+    adm.refused(a, now=10.0)  # refused together: counted once
+    assert adm.failures == 1 and adm.blocked_until == 11.0
+    assert list(adm.waiters()) == [a, b, d]  # a and b keep their places, ahead of d
+    assert adm.release(c, 10.5) == [a]  # our own session ended: a real slot, probe at once
+    assert adm.probe is a
+    assert adm.answered(a, 10.6) == [b, d]  # the probe got in: admission reopens
+    assert adm.failures == 0 and not adm.blocked
+
+
+def test_backoff_doubles_up_to_the_cap_and_probes_one_at_a_time() -> None:
+    adm = make(slots=3)
+    a, b = arrive(adm, 2)
+    adm.refused(a, 0.0)
+    adm.refused(b, 0.0)
+    delays = []
+    now = 0.0
+    for _ in range(5):
+        assert adm.unblock(now) == []  # too early
+        now = adm.blocked_until
+        admitted = adm.unblock(now)
+        assert admitted == [a] and adm.probe is a  # only the first in line probes
+        adm.refused(a, now)
+        delays.append(adm.blocked_until - now)
+    assert delays == [2.0, 4.0, 4.0, 4.0, 4.0]
+
+
+def test_probe_that_hangs_up_hands_the_probe_on() -> None:
+    adm = make(slots=3)
+    a, b = arrive(adm, 2)
+    adm.refused(a, 0.0)
+    adm.refused(b, 0.0)
+    assert adm.unblock(1.0) == [a]
+    assert adm.release(a, 1.1) == [b]  # a's client left while connecting
+    assert adm.probe is b
+
+
+def test_raising_the_limit_admits_waiters_at_once() -> None:
+    adm = make(slots=1)
+    _, b, c = arrive(adm, 3)
+    assert adm.set_limits(Limits(max_slots=3, max_queue=10), 1.0) == [b, c]
+
+
+def test_lowering_the_limit_ends_nobody() -> None:
+    adm = make(slots=3)
+    a, b, c, d = arrive(adm, 4)
+    adm.set_limits(Limits(max_slots=1, max_queue=10), 1.0)
+    assert adm.holders == {a, b, c}
+    assert adm.release(a, 2.0) == [] and adm.release(b, 2.0) == []
+    assert adm.release(c, 2.0) == [d]
+
+
+def test_drain_empties_the_queue_in_order() -> None:
+    adm = make(slots=1)
+    holder, b, c = arrive(adm, 3)
+    assert adm.drain() == [b, c]
+    assert adm.waiting == 0 and adm.holders == {holder}

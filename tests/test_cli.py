@@ -1,0 +1,203 @@
+"""The command line, with the proxy as a real process: config errors, run, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from slotproxy.cluster import Cluster
+
+from .conftest import wait_until
+
+SLOTPROXY = [sys.executable, "-m", "slotproxy"]
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *SLOTPROXY, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode(), err.decode()
+
+
+class ProxyProcess:
+    """`slotproxy run` in a subprocess; its log lines are collected as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.port = 0
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            line = raw.decode().rstrip()
+            self.lines.append(line)
+            if not self.port and (m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line)):
+                self.port = int(m.group(1))
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    async def connect(self, **kwargs: Any) -> asyncpg.Connection:
+        return await asyncpg.connect(host="127.0.0.1", port=self.port, user="app",
+                                     database="postgres", **kwargs)
+
+    async def wait_exit(self, timeout: float = 30) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await self._reader
+        return code
+
+
+@pytest.fixture
+async def start_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    started: list[ProxyProcess] = []
+
+    async def start(cluster: Cluster, *flags: str, config: str = "") -> ProxyProcess:
+        cfg = tmp_path / f"slotproxy{len(started)}.toml"
+        cfg.write_text(config)
+        proc = await asyncio.create_subprocess_exec(
+            *SLOTPROXY, "run", "--config", str(cfg), "--listen", "127.0.0.1:0",
+            "--backend", f"{cluster.host}:{cluster.port}", *flags, stderr=asyncio.subprocess.PIPE)
+        p = ProxyProcess(proc)
+        started.append(p)
+        await wait_until(lambda: p.port or proc.returncode is not None, "the proxy to listen")
+        assert p.port, p.log()
+        return p
+
+    yield start
+    for p in started:
+        if p.proc.returncode is None:
+            p.proc.kill()
+            await p.proc.wait()
+
+
+# -- configuration errors --------------------------------------------------------------------
+
+BAD_CONFIGS = [
+    ("[admission]\nmax_qeue = 5\n", "admission.max_qeue: unknown key (did you mean admission.max_queue?)"),
+    ("[admission]\nmax_queue = \"ten\"\n", "admission.max_queue: expected an integer, got a string"),
+    ("[admission]\nmax_backend_slots = 0\n", "admission.max_backend_slots: must be >= 1, got 0"),
+    ("[admission]\nqueue_timeout = -1\n", "admission.queue_timeout: must be a positive number of seconds"),
+    ("[proxy]\nlisten = \"localhost\"\n", "proxy.listen: expected \"HOST:PORT\""),
+    ("[backend]\nport = 70000\n", "backend.port: must be between 1 and 65535, got 70000"),
+    ("[backend]\nhost = \"bad host\"\n", "backend.host: not a valid host name or address"),
+    ("[bakend]\nhost = \"x\"\n", "bakend: unknown section (did you mean backend?)"),
+    ("[proxy]\nlisten = \n", "invalid TOML"),
+]
+
+
+@pytest.mark.parametrize(("text", "problem"), BAD_CONFIGS, ids=[b[1].split(":")[0] for b in BAD_CONFIGS])
+async def test_bad_config_exits_2_with_one_line_naming_file_key_and_problem(
+        tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    for command in (["check-config", str(path)], ["run", "--config", str(path)]):
+        code, _, err = await run_cli(*command)
+        assert code == 2
+        [line] = err.strip().splitlines()
+        assert line.startswith(f"slotproxy: {path}: {problem}")
+
+
+async def test_bad_flag_values_name_the_flag(tmp_path: Path) -> None:
+    code, _, err = await run_cli("run", "--max-queue", "-1")
+    assert (code, err.strip()) == (2, "slotproxy: --max-queue: admission.max_queue: must be >= 0, got -1")
+    code, _, err = await run_cli("run", "--backend", "db.example")
+    assert code == 2 and err.startswith("slotproxy: --backend: expected \"HOST:PORT\"")
+
+
+async def test_check_config_accepts_the_example_and_shows_every_value() -> None:
+    example = Path(__file__).parent.parent / "config.example.toml"
+    code, out, err = await run_cli("check-config", str(example))
+    assert code == 0, err
+    assert out.startswith(f"{example}: OK")
+    assert "admission.max_backend_slots = " in out
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+async def test_runs_with_no_file_from_flags_alone(pg: Cluster) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *SLOTPROXY, "run", "--backend", f"{pg.host}:{pg.port}", "--listen", "127.0.0.1:0",
+        "--max-backend-slots", "2", stderr=asyncio.subprocess.PIPE)
+    p = ProxyProcess(proc)
+    try:
+        await wait_until(lambda: p.port, "the proxy to listen")
+        conn = await p.connect(server_settings={"application_name": "flags-only"})
+        assert await conn.fetchval("select 1") == 1
+        await conn.close()
+        await wait_until(lambda: "session ended" in p.log(), "the session's end in the log")
+        assert re.search(r"C-\d+ app@postgres 127\.0\.0\.1:\d+ admitted after [\d.]+ s "
+                         r"\(application_name='flags-only'\)", p.log())
+        proc.send_signal(signal.SIGTERM)
+        assert await p.wait_exit() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_cannot_listen_exits_1_saying_why(pg: Cluster, start_proxy: Any) -> None:
+    first = await start_proxy(pg)
+    code, _, err = await run_cli("run", "--listen", f"127.0.0.1:{first.port}",
+                                 "--backend", f"{pg.host}:{pg.port}")
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{first.port}" in err
+
+
+# -- graceful shutdown ------------------------------------------------------------------------------
+
+
+async def test_sigterm_refuses_waiters_with_57P01_and_lets_sessions_finish(
+        pg: Cluster, start_proxy: Any) -> None:
+    p = await start_proxy(pg, "--max-backend-slots", "2", "--log-level", "debug",
+                          config="[proxy]\nshutdown_timeout = 30\n")
+    live = [await p.connect() for _ in range(2)]
+    waiting = [asyncio.create_task(p.connect()) for _ in range(3)]
+    await wait_until(lambda: p.log().count("queued:") == 3, "three clients queued")
+
+    p.proc.send_signal(signal.SIGTERM)
+    for task in waiting:
+        with pytest.raises(asyncpg.AdminShutdownError) as refused:
+            await asyncio.wait_for(task, 10)
+        assert refused.value.sqlstate == "57P01"
+        assert "slotproxy is shutting down" in str(refused.value)
+
+    with pytest.raises(OSError):
+        await p.connect()  # no longer accepting
+    for conn in live:  # live sessions carry on
+        assert await conn.fetchval("select 7") == 7
+    assert p.proc.returncode is None
+    for conn in live:
+        await conn.close()
+    assert await p.wait_exit() == 0
+    assert "3 waiting clients refused; 2 sessions may finish within 30 s" in p.log()
+
+
+async def test_sessions_are_closed_at_shutdown_timeout(pg: Cluster, start_proxy: Any) -> None:
+    p = await start_proxy(pg, config="[proxy]\nshutdown_timeout = 0.5\n")
+    conn = await p.connect()
+    p.proc.send_signal(signal.SIGTERM)
+    assert await p.wait_exit() == 0
+    await wait_until(conn.is_closed, "the client to see its connection closed")
+    assert "shutdown timeout: closing 1 sessions" in p.log()
+
+
+async def test_a_second_signal_closes_at_once(pg: Cluster, start_proxy: Any) -> None:
+    p = await start_proxy(pg, config="[proxy]\nshutdown_timeout = 600\n")
+    conn = await p.connect()
+    p.proc.send_signal(signal.SIGTERM)
+    await wait_until(lambda: "shutting down gracefully" in p.log(), "the first signal to be seen")
+    p.proc.send_signal(signal.SIGINT)
+    assert await p.wait_exit(timeout=10) == 0
+    assert "SIGINT received again: closing every session now" in p.log()
+    conn.terminate()
