@@ -88,12 +88,14 @@ class Gate:
 
     def _queue_full(self) -> ClientError:
         limit = self.admission.limits.max_queue
-        return ClientError(
-            Reason.QUEUE_FULL, "53300",
-            f"slotproxy queue full: {self.admission.waiting} clients already waiting "
-            f"for a server slot (admission.max_queue = {limit})",
-            hint="Retry later, or raise admission.max_queue.",
-        )
+        if limit == 0:
+            message = ("slotproxy: every server slot is in use and nobody may wait "
+                       "(admission.max_queue = 0)")
+        else:
+            message = (f"slotproxy queue full: {self.admission.waiting} clients already waiting "
+                       f"for a server slot (admission.max_queue = {limit})")
+        return ClientError(Reason.QUEUE_FULL, "53300", message,
+                           hint="Retry later, or raise admission.max_queue.")
 
     @staticmethod
     def _now() -> float:

@@ -268,7 +268,7 @@ class Session:
             return ClientError(
                 Reason.QUEUE_TIMEOUT, "53300",
                 f"slotproxy: no server slot came free within {waited:.1f} s ({bound})",
-                detail=f"{self.proxy.gate.admission.waiting} clients are waiting; "
+                detail=f"{self.proxy.gate.admission.waiting} other clients are waiting; "
                        f"{len(self.proxy.gate.admission.holders)} of "
                        f"{self.proxy.gate.admission.limits.max_slots} slots are in use "
                        "(admission.max_backend_slots).",

@@ -1,0 +1,71 @@
+"""Configuration: the table of keys, validation, and the docs that must match it."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from slotproxy import config
+from slotproxy.config import Address
+from slotproxy.errors import ConfigError
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_defaults_need_no_file() -> None:
+    cfg = config.load(None)
+    assert cfg.proxy.listen == Address("127.0.0.1", 6432)
+    assert cfg.backend.address == Address("127.0.0.1", 5432)
+    assert cfg.admission.max_backend_slots == 20
+
+
+def test_overrides_win_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[admission]\nmax_queue = 5\nqueue_timeout = 2\n")
+    cfg = config.load(str(path), [("--max-queue", "admission.max_queue", 9)])
+    assert (cfg.admission.max_queue, cfg.admission.queue_timeout) == (9, 2.0)
+
+
+@pytest.mark.parametrize(("text", "where", "problem"), [
+    ("[admission]\nmax_queue = true", "admission.max_queue", "expected an integer, got a boolean"),
+    ("[admission]\nqueue_timeout = \"30s\"", "admission.queue_timeout", "expected a number of seconds"),
+    ("[admission]\nqueue_timeout = 0", "admission.queue_timeout", "must be a positive number"),
+    ("[admission]\nqueue_timeout = inf", "admission.queue_timeout", "must be a positive number"),
+    ("[proxy]\nlisten = \"[::1:6432\"", "proxy.listen", "expected \"[IPv6]:PORT\""),
+    ("[proxy]\nlisten = \"::1:6432\"", "proxy.listen", "IPv6 as \"[::1]:PORT\""),
+    ("[proxy]\nlisten = \"host:http\"", "proxy.listen", "port must be a number"),
+    ("[backend]\nhost = \"fe80::zz\"", "backend.host", "not a valid host name or address"),
+    ("[backend]\nport = 0", "backend.port", "must be between 1 and 65535"),
+    ("proxy = 3", "proxy", "expected a table [proxy]"),
+    ("[admission]\nmax_backend_slot = 3", "admission.max_backend_slot",
+     "did you mean admission.max_backend_slots?"),
+])
+def test_errors_name_the_key_and_the_problem(text: str, where: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        config.from_mapping(tomllib.loads(text), "f.toml")
+    assert raised.value.key == where
+    assert problem in str(raised.value)
+    assert str(raised.value).startswith(f"f.toml: {where}: ")
+
+
+def test_listen_accepts_ipv6_and_port_zero() -> None:
+    cfg = config.from_mapping({"proxy": {"listen": "[::1]:0"}}, "t")
+    assert cfg.proxy.listen == Address("::1", 0)
+    assert str(cfg.proxy.listen) == "[::1]:0"
+
+
+def test_example_config_has_every_key_at_its_default() -> None:
+    data = tomllib.loads((ROOT / "config.example.toml").read_text())
+    example = {f"{section}.{name}": value for section, table in data.items() for name, value in table.items()}
+    assert set(example) == {k.dotted for k in config.keys()}
+    loaded = config.from_mapping(data, "example")
+    assert all(not changed for _, _, changed in config.describe(loaded)), "the example shows the defaults"
+
+
+def test_readme_documents_every_key_with_its_default() -> None:
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| `([^`]*)` \|", readme, re.M))
+    assert rows == {k.dotted: config.format_value(k.default) for k in config.keys()}
