@@ -369,3 +369,49 @@ async def wait_until_async(conn: asyncpg.Connection, sql: str, expected: Any, ti
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"{sql!r} gave {value!r}, expected {expected!r}")
         await asyncio.sleep(0.01)  # wait_until poll interval
+
+
+# -- relaying ------------------------------------------------------------------------------------
+
+
+async def test_a_server_fatal_reaches_the_client_before_the_close(pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg)
+
+    async def terminated_mid_query(conn: asyncpg.Connection) -> BaseException:
+        pid = await conn.fetchval("select pg_backend_pid()")
+        running = asyncio.create_task(conn.fetchval("select pg_sleep(30)"))
+        admin = await asyncpg.connect(pg.dsn())
+        await wait_until_async(admin, f"select state from pg_stat_activity where pid = {pid}", "active")
+        assert await admin.fetchval("select pg_terminate_backend($1)", pid)
+        await admin.close()
+        with pytest.raises(asyncpg.PostgresError) as ended:
+            await running
+        return ended.value
+
+    direct = await terminated_mid_query(await asyncpg.connect(pg.dsn("app")))
+    proxied = await terminated_mid_query(await connect(proxy))
+    assert type(proxied) is type(direct) and str(proxied) == str(direct)
+    assert "terminating connection due to administrator command" in str(proxied)
+    assert isinstance(proxied.__cause__, asyncpg.AdminShutdownError)  # the server's 57P01
+    await wait_until(lambda: not admission(proxy).holders, "the slot to come back")
+
+
+async def test_a_client_that_stops_reading_pauses_the_server_not_the_proxy_memory(
+        pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg)
+    raw = await RawClient.connect(**at(proxy))
+    raw.send_startup()
+    await raw.read_until("Z")
+    raw.writer.transport.pause_reading()  # the client reads nothing more
+    raw.send(query("select repeat('x', 1000) from generate_series(1, 50000)"))  # ~50 MB
+    [session] = proxy.sessions
+    relay = session.relay
+    await wait_until(lambda: not relay.server.is_reading(), "the proxy to stop reading the server")
+    buffered = relay.client.get_write_buffer_size()
+    assert buffered < 2 * 1024 * 1024, f"{buffered} bytes buffered for a client that does not read"
+    raw.writer.transport.resume_reading()
+    rows = 0
+    while (msg := await raw.read_message()) is not None and msg[0] != "Z":
+        rows += msg[0] == "D"
+    assert rows == 50000
+    raw.send(TERMINATE)
