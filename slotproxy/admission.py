@@ -2,14 +2,24 @@
 
 One `Admission` per server. A client's `Ticket` moves between two collections:
 the queue (waiting, oldest first) and the holders (admitted: connecting or
-relaying). Counts are the sizes of those collections.
+relaying). Counts are the sizes of those collections and their subsets:
+`connecting` (startups in flight) and `unseen` (holders no server poll has
+shown yet).
+
+A new ticket is admitted while all of these hold:
+- fewer holders than `max_slots` (None: no cap);
+- fewer startups in flight than `max_connecting` (no fork storms);
+- fewer unseen holders than `max_unseen`, when that is set (other proxies
+  share the server and cannot see our newest sessions yet);
+- admission is not blocked after a server refusal.
 
 When the server refuses a connection before anything reached the client
-(pre-auth 53300, 57P03, refused TCP connect) the ticket goes back to the
-front of the queue and admission holds off for a capped exponential backoff.
-When the hold ends, one ticket is admitted as a probe; only its success
-reopens admission for the rest. A session of ours ending is a slot really
-freed on the server, so it starts a probe at once.
+(53300, 57P03, a refused TCP connect) the ticket goes back to the front of
+the queue and admission blocks: until the next poll of the server when a
+monitor sees it, else for a capped exponential backoff. Then one ticket is
+admitted as a probe; only its success reopens admission for the rest. A
+session of ours ending is a slot really freed on the server, so it starts a
+probe at once.
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +43,7 @@ class State(enum.Enum):
 class Ticket:
     """One client's place: in the queue, then holding a slot."""
 
-    __slots__ = ("seq", "queued_at", "admitted_at", "state", "info", "waker")
+    __slots__ = ("admitted_at", "info", "queued_at", "seq", "state", "waker")
 
     def __init__(self, info: Any = None) -> None:
         self.seq = -1
@@ -57,8 +68,10 @@ class Decision(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_slots: int
+    max_slots: int | None
     max_queue: int
+    max_connecting: int = 8
+    max_unseen: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +83,9 @@ class Backoff:
         return min(self.cap, self.first * 2 ** (failures - 1))
 
 
+UNTIL_NEXT_VIEW = math.inf  # blocked until a poll of the server says otherwise
+
+
 class Admission:
     """One server's slot budget and its waiting clients."""
 
@@ -77,12 +93,16 @@ class Admission:
         self.limits = limits
         self.backoff = backoff
         self.holders: set[Ticket] = set()
+        self.connecting: set[Ticket] = set()  # holders whose server has not answered yet
+        self.unseen: set[Ticket] = set()  # holders no poll of the server has shown yet
         self._queue: dict[Ticket, None] = {}  # arrival order; O(1) removal
         self._returning: list[Ticket] = []  # refused by the server; by seq, served first
         self._seq = itertools.count()
         self.failures = 0  # consecutive server refusals
         self.blocked_until: float | None = None
         self.probe: Ticket | None = None
+        self.viewing = False  # a monitor sees the server: refusals wait for its next poll
+        self.peak_connecting = 0
 
     # -- what operators see -------------------------------------------------
 
@@ -127,7 +147,7 @@ class Admission:
     def release(self, ticket: Ticket, now: float) -> list[Ticket]:
         """A holder's server connection is closed: its slot is free again."""
         assert ticket.state is State.HOLDING
-        self.holders.discard(ticket)
+        self._drop(ticket)
         ticket.state = State.DONE
         if ticket is self.probe:
             self.probe = None
@@ -138,18 +158,18 @@ class Admission:
 
     def answered(self, ticket: Ticket, now: float) -> list[Ticket]:
         """A holder's server accepted the connection (its first answer was no refusal)."""
+        self.connecting.discard(ticket)
         if ticket is self.probe:
             self.probe = None
             self.failures = 0
-            return self._fill(now)
-        if not self.blocked:
+        elif not self.blocked:
             self.failures = 0
-        return []
+        return self._fill(now)
 
     def refused(self, ticket: Ticket, now: float) -> None:
         """The server refused a holder's connection before answering it: back to the front."""
         assert ticket.state is State.HOLDING
-        self.holders.discard(ticket)
+        self._drop(ticket)
         ticket.state = State.WAITING
         ticket.admitted_at = None
         bisect.insort(self._returning, ticket)
@@ -158,7 +178,8 @@ class Admission:
         if self.blocked_until is None:
             # Connections admitted together and refused together count once.
             self.failures += 1
-            self.blocked_until = now + self.backoff.delay(self.failures)
+            self.blocked_until = (UNTIL_NEXT_VIEW if self.viewing
+                                  else now + self.backoff.delay(self.failures))
 
     def unblock(self, now: float) -> list[Ticket]:
         """The backoff is over: admit one probe."""
@@ -167,8 +188,22 @@ class Admission:
             return self._fill(now)
         return []
 
-    def set_limits(self, limits: Limits, now: float) -> list[Ticket]:
+    def update(self, limits: Limits, now: float, *, seen: Iterable[Ticket] | None = None,
+               viewing: bool | None = None) -> list[Ticket]:
+        """New limits; after a poll of the server, also which holders it showed.
+
+        A poll ends a block that waited for it. Losing the view turns such a
+        block into a backoff.
+        """
         self.limits = limits
+        if viewing is not None and viewing != self.viewing:
+            self.viewing = viewing
+            if not viewing and self.blocked_until == UNTIL_NEXT_VIEW:
+                self.blocked_until = now + self.backoff.delay(max(1, self.failures))
+        if seen is not None:
+            self.unseen.difference_update(seen)
+            if self.blocked_until == UNTIL_NEXT_VIEW:
+                self.blocked_until = None
         return self._fill(now)
 
     def drain(self) -> list[Ticket]:
@@ -183,15 +218,27 @@ class Admission:
     # -- internals ------------------------------------------------------------
 
     def _has_room(self) -> bool:
-        return len(self.holders) < self.limits.max_slots and not self.blocked
+        limits = self.limits
+        return ((limits.max_slots is None or len(self.holders) < limits.max_slots)
+                and len(self.connecting) < limits.max_connecting
+                and (limits.max_unseen is None or len(self.unseen) < limits.max_unseen)
+                and not self.blocked)
 
     def _hold(self, ticket: Ticket, now: float) -> None:
         ticket.state = State.HOLDING
         ticket.admitted_at = now
         self.holders.add(ticket)
+        self.connecting.add(ticket)
+        self.unseen.add(ticket)
+        self.peak_connecting = max(self.peak_connecting, len(self.connecting))
         if self.failures:
             # After refusals, one connection tests the server before the rest.
             self.probe = ticket
+
+    def _drop(self, ticket: Ticket) -> None:
+        self.holders.discard(ticket)
+        self.connecting.discard(ticket)
+        self.unseen.discard(ticket)
 
     def _fill(self, now: float) -> list[Ticket]:
         admitted: list[Ticket] = []

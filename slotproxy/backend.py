@@ -9,6 +9,7 @@ that is not such a refusal on belongs to the client and is relayed as is.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Address
@@ -22,16 +23,20 @@ RETRYABLE_SQLSTATES = frozenset({
 })
 
 _ERROR = ord("E")
+_AUTH = ord("R")
+_AUTH_OK = b"\x00\x00\x00\x00"
 
 
 class ConnectFailed(Exception):
     """The server could not take this client yet; nothing reached the client."""
 
-    def __init__(self, what: str, *, sqlstate: str | None = None, message: str | None = None) -> None:
+    def __init__(self, what: str, *, sqlstate: str | None = None, message: str | None = None,
+                 after_auth: bool = False) -> None:
         super().__init__(what)
         self.what = what
         self.sqlstate = sqlstate  # set when the server itself refused
         self.message = message
+        self.after_auth = after_auth  # refused right after a trust AuthenticationOk
 
     @property
     def unreachable(self) -> bool:
@@ -50,11 +55,20 @@ class Answered:
 
 
 class _FirstAnswer(asyncio.Protocol):
+    """Reads the server's first answer and decides: retry, or relay from here on.
+
+    A trust login answers AuthenticationOk without any exchange and may still
+    be refused right after (the reserved slots). Nothing was exchanged for the
+    client's credentials, so that refusal is retried too: the AuthenticationOk
+    is held back until the message after it is known.
+    """
+
     def __init__(self, result: asyncio.Future[bytearray]) -> None:
         self.result = result
         self.received = bytearray()
-        self.framer = MessageFramer(keep=b"E", max_body=64 * 1024)
+        self.framer = MessageFramer(keep=b"ER", max_body=64 * 1024)
         self.transport: asyncio.Transport | None = None
+        self.auth_ok = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -67,23 +81,27 @@ class _FirstAnswer(asyncio.Protocol):
             messages = self.framer.feed(data)
         except ProtocolError:
             messages = [(0, None)]  # not our business: let the client see it
-        if not messages:
+        for mtype, body in messages:
+            if mtype == _AUTH and body == _AUTH_OK and not self.auth_ok:
+                self.auth_ok = True  # trust: the next message decides
+                continue
+            if mtype == _ERROR and body is not None:
+                try:
+                    fields = parse_fields(body)
+                except ProtocolError:
+                    fields = {}
+                sqlstate = fields.get("C")
+                if sqlstate in RETRYABLE_SQLSTATES:
+                    message = fields.get("M", "")
+                    when = " after trust authentication" if self.auth_ok else ""
+                    self.result.set_exception(ConnectFailed(
+                        f"server refused{when}: {message} ({sqlstate})", sqlstate=sqlstate,
+                        message=message, after_auth=self.auth_ok))
+                    self.transport.close()
+                    return
+            self.transport.pause_reading()
+            self.result.set_result(self.received)
             return
-        mtype, body = messages[0]
-        if mtype == _ERROR and body is not None:
-            try:
-                fields = parse_fields(body)
-            except ProtocolError:
-                fields = {}
-            sqlstate = fields.get("C")
-            if sqlstate in RETRYABLE_SQLSTATES:
-                message = fields.get("M", "")
-                self.result.set_exception(ConnectFailed(
-                    f"server refused: {message} ({sqlstate})", sqlstate=sqlstate, message=message))
-                self.transport.close()
-                return
-        self.transport.pause_reading()
-        self.result.set_result(self.received)
 
     def eof_received(self) -> bool:
         return False
@@ -94,9 +112,11 @@ class _FirstAnswer(asyncio.Protocol):
             self.result.set_exception(ConnectFailed(why))
 
 
-async def connect(address: Address, first_bytes: bytes, timeout: float) -> Answered:
+async def connect(address: Address, first_bytes: bytes, timeout: float,
+                  on_connected: Callable[[asyncio.Transport], None] | None = None) -> Answered:
     """Connect, send `first_bytes` (the startup packet and what followed), await the answer.
 
+    `on_connected` sees the transport as soon as the TCP connection is up.
     Raises ConnectFailed when the attempt may be retried later.
     """
     loop = asyncio.get_running_loop()
@@ -106,6 +126,8 @@ async def connect(address: Address, first_bytes: bytes, timeout: float) -> Answe
         async with asyncio.timeout(timeout):
             transport, _ = await loop.create_connection(
                 lambda: _FirstAnswer(result), address.host, address.port)
+            if on_connected is not None:
+                on_connected(transport)
             transport.write(first_bytes)
             received = await result
     except TimeoutError:

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE", help="TOML configuration file")
     run.add_argument("--listen", metavar="HOST:PORT", help="overrides proxy.listen")
     run.add_argument("--backend", metavar="HOST:PORT", help="overrides backend.host and backend.port")
-    run.add_argument("--max-backend-slots", type=int, metavar="N",
+    run.add_argument("--max-backend-slots", type=_slots_flag, metavar="N|auto",
                      help="overrides admission.max_backend_slots")
     run.add_argument("--max-queue", type=int, metavar="N", help="overrides admission.max_queue")
     run.add_argument("--queue-timeout", type=float, metavar="S",
@@ -54,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds each client keeps its session (default 0.5)")
     _logging_args(demo, default="warning")
     return parser
+
+
+def _slots_flag(text: str) -> int | str:
+    if text == config.AUTO:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or \"auto\", got {text!r}") from None
 
 
 def _logging_args(parser: argparse.ArgumentParser, default: str = "info") -> None:
@@ -117,6 +126,8 @@ def _check_config(path: str) -> int:
     print(f"{path}: OK")
     for key, value, changed in config.describe(cfg):
         print(f"  {key} = {value}{'' if changed else '  (default)'}")
+    for warning in config.warnings(cfg):
+        print(f"warning: {warning}")
     return EXIT_OK
 
 

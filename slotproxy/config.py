@@ -16,6 +16,7 @@ import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from .errors import ConfigError
 
@@ -46,6 +47,25 @@ def integer(low: int, high: int | None = None) -> Callable[[Any], int]:
             raise ValueError(f"must be {bound}, got {value}")
         return value
     return parse
+
+
+AUTO = "auto"
+
+
+def slots(value: Any) -> int | str:
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer or \"auto\", got {_type_name(value)} ({value!r})")
+    return integer(1)(value)
+
+
+def dsn(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a connection URI string, got {_type_name(value)}")
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected a URI such as \"postgresql://slotproxy_monitor@127.0.0.1:5432/postgres\"")
+    return value
 
 
 def seconds(value: Any) -> float:
@@ -130,12 +150,30 @@ class BackendConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdmissionConfig:
-    max_backend_slots: int = key(20, integer(1),
-                                 "server sessions open at once through this proxy")
+    max_backend_slots: int | str = key(20, slots,
+                                       "server sessions open at once through this proxy, "
+                                       "or \"auto\": as many as the monitor finds free")
     max_queue: int = key(1000, integer(0),
                          "clients that may wait for a slot; the next one is refused with 53300")
     queue_timeout: float = key(30.0, seconds,
                                "seconds a client may wait, queued or retrying, before 53300")
+    headroom: int = key(0, integer(0),
+                        "slots always left to everyone else (with a monitor)")
+    max_connecting: int = key(8, integer(1),
+                              "server connection startups in flight at once")
+
+    @property
+    def fixed_slots(self) -> int | None:
+        """The fixed cap, or None for "auto"."""
+        return None if self.max_backend_slots == AUTO else self.max_backend_slots  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorConfig:
+    dsn: str = key("", dsn,
+                   "connection URI of the monitor's role; empty: no monitor, "
+                   "admission by max_backend_slots alone")
+    interval: float = key(1.0, seconds, "seconds between polls of the server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +181,7 @@ class Config:
     proxy: ProxyConfig = ProxyConfig()
     backend: BackendConfig = BackendConfig()
     admission: AdmissionConfig = AdmissionConfig()
+    monitor: MonitorConfig = MonitorConfig()
     source: str = "built-in defaults"
 
 
@@ -212,6 +251,7 @@ def from_mapping(data: Mapping[str, Any], source: str, overrides: Iterable[Overr
         sections.setdefault(section, {})[name] = (origin, value)
 
     built: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for name, cls in SECTIONS.items():
         given = sections.get(name, {})
         known = {f.name: f for f in dataclasses.fields(cls)}
@@ -225,13 +265,39 @@ def from_mapping(data: Mapping[str, Any], source: str, overrides: Iterable[Overr
                 values[keyname] = f.metadata["parse"](value)
             except ValueError as e:
                 raise ConfigError(origin, f"{name}.{keyname}", str(e)) from None
+            origins[f"{name}.{keyname}"] = origin
         built[name] = cls(**values)
-    return Config(**built, source=source)
+    config = Config(**built, source=source)
+    if config.admission.max_backend_slots == AUTO and not config.monitor.dsn:
+        raise ConfigError(origins["admission.max_backend_slots"], "admission.max_backend_slots",
+                          "\"auto\" needs a monitor to find the free slots: set [monitor] dsn")
+    return config
 
 
 def _suggest(word: str, choices: Iterable[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def warnings(config: Config) -> list[str]:
+    """Valid but worth a second look; check-config prints these."""
+    found = []
+    if config.admission.max_backend_slots == AUTO:
+        found.append(
+            "admission.max_backend_slots = \"auto\" has no number to fall back on while the monitor "
+            "is blind: the proxy then keeps the last capacity it saw, or admits without a limit "
+            "if it never saw one. Set a number for a fixed fallback.")
+    if _dsn_password(config.monitor.dsn):
+        found.append("monitor.dsn holds a password in clear: prefer a passfile (~/.pgpass or "
+                     "PGPASSFILE) or PGPASSWORD in the proxy's environment.")
+    return found
+
+
+def _dsn_password(uri: str) -> bool:
+    if not uri:
+        return False
+    parts = urlsplit(uri)
+    return bool(parts.password) or "password" in parse_qs(parts.query)
 
 
 def describe(config: Config) -> Iterator[tuple[str, str, bool]]:

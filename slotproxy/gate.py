@@ -7,8 +7,9 @@ the queue in `wait` itself, so no path can leave a ghost behind.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
-from .admission import Admission, Decision, Limits, State, Ticket
+from .admission import UNTIL_NEXT_VIEW, Admission, Decision, Limits, State, Ticket
 from .errors import ClientError, Reason
 
 
@@ -24,6 +25,7 @@ class Gate:
         self.admission = admission
         self.closed = False
         self.server_refusals = 0  # connections the server refused before answering
+        self.post_auth_refusals = 0  # refusals relayed after a password exchange
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
@@ -72,8 +74,10 @@ class Gate:
         self.admission.refused(ticket, self._now())
         self._schedule()
 
-    def set_limits(self, limits: Limits) -> None:
-        self._wake(self.admission.set_limits(limits, self._now()))
+    def update(self, limits: Limits, *, seen: Iterable[Ticket] | None = None,
+               viewing: bool | None = None) -> None:
+        """New limits, and after a poll of the server the holders it showed."""
+        self._wake(self.admission.update(limits, self._now(), seen=seen, viewing=viewing))
 
     def close(self) -> None:
         """Refuse every waiter with 57P01 and admit nobody from now on."""
@@ -109,6 +113,8 @@ class Gate:
 
     def _schedule(self) -> None:
         when = self.admission.blocked_until
+        if when == UNTIL_NEXT_VIEW:
+            when = None  # the next poll of the server lifts it
         if when == self._timer_at:
             return
         if self._timer is not None:

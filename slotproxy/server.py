@@ -13,9 +13,12 @@ import socket
 from collections.abc import Coroutine
 from typing import Any
 
+from . import capacity
 from .admission import Admission, Limits
+from .capacity import ServerView, Snapshot
 from .config import Address, Config
 from .gate import Gate
+from .monitor import Monitor, OwnSessions
 from .session import Handshake, Phase, Session
 
 logger = logging.getLogger("slotproxy.server")
@@ -26,10 +29,16 @@ LISTEN_BACKLOG = 4096  # bursts of clients arrive at once; the kernel caps it at
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.gate = Gate(Admission(Limits(
-            max_slots=config.admission.max_backend_slots,
-            max_queue=config.admission.max_queue,
-        )))
+        fixed = config.admission.fixed_slots
+        # Until the monitor's first poll, or without a monitor, the fixed cap holds.
+        self.capacity = (capacity.blind(fixed, None, "no poll yet") if config.monitor.dsn
+                         else Snapshot(capacity=fixed, blind=False))
+        self.gate = Gate(Admission(self._limits(self.capacity)))
+        self.monitor: Monitor | None = None
+        self._monitor_sees: bool | None = None  # None until the first poll
+        if config.monitor.dsn:
+            self.monitor = Monitor(config.monitor.dsn, config.monitor.interval,
+                                   config.backend.connect_timeout, self._own_sessions, self._on_view)
         self.sessions: set[Session] = set()
         self.cancel_keys: dict[tuple[int, bytes], Session] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -44,14 +53,16 @@ class Proxy:
         loop = asyncio.get_running_loop()
         self._all_closed = asyncio.Event()
         self._all_closed.set()
+        if self.monitor is not None:
+            await self.monitor.start()
         listen = self.config.proxy.listen
         server = await loop.create_server(
             lambda: Handshake(self), listen.host, listen.port,
             backlog=LISTEN_BACKLOG, reuse_address=True)
         self._listeners.append(server)
-        logger.info("listening on %s; server %s; at most %d server sessions, %d waiting",
+        logger.info("listening on %s; server %s; %s; at most %d waiting",
                     ", ".join(str(a) for a in self.addresses), self.config.backend.address,
-                    self.config.admission.max_backend_slots, self.config.admission.max_queue)
+                    self.capacity.describe(), self.config.admission.max_queue)
 
     @property
     def addresses(self) -> list[Address]:
@@ -82,7 +93,7 @@ class Proxy:
         except TimeoutError:
             logger.warning("shutdown timeout: closing %d sessions", len(self.sessions))
             await self.abort()
-        await self._drain_tasks()
+        await self._finish()
 
     async def abort(self) -> None:
         """Close everything now."""
@@ -93,6 +104,11 @@ class Proxy:
             session.stop()
         if self._all_closed is not None:
             await self._all_closed.wait()
+        await self._finish()
+
+    async def _finish(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.stop()
         await self._drain_tasks()
 
     def _stop_listening(self) -> None:
@@ -123,6 +139,53 @@ class Proxy:
         self.sessions.discard(session)
         if not self.sessions and self._all_closed is not None:
             self._all_closed.set()
+
+    # -- capacity --------------------------------------------------------------------
+
+    def _limits(self, snapshot: Snapshot) -> Limits:
+        cfg = self.config.admission
+        return Limits(
+            max_slots=snapshot.capacity,
+            max_queue=cfg.max_queue,
+            max_connecting=cfg.max_connecting,
+            # Other proxies cannot see our newest sessions until they poll: keep those few.
+            max_unseen=cfg.max_connecting if snapshot.peers > 1 else None,
+        )
+
+    def _own_sessions(self) -> OwnSessions:
+        by_pid: dict[int, Any] = {}
+        by_endpoint: dict[tuple[str, int], Any] = {}
+        for ticket in self.gate.admission.holders:
+            session: Session = ticket.info
+            if session.backend_key is not None:
+                by_pid[session.backend_key[0]] = ticket
+            if session.backend_endpoint is not None:
+                by_endpoint[session.backend_endpoint] = ticket
+        return OwnSessions(by_pid, by_endpoint)
+
+    def _on_view(self, view: ServerView | None, seen: set[Any], why: str) -> None:
+        fixed = self.config.admission.fixed_slots
+        previous = self.capacity
+        sees = view is not None
+        if view is None:
+            snapshot = capacity.blind(fixed, previous, why)
+        else:
+            snapshot = capacity.from_view(view, fixed, self.config.admission.headroom)
+        if sees != self._monitor_sees:  # log the change once, not every poll
+            if not sees:
+                logger.warning("monitor blind (%s): admitting by %s", why, snapshot.describe())
+            elif self._monitor_sees is False:
+                logger.info("monitor sees the server again: %s", snapshot.describe())
+            else:
+                logger.info("monitor: %s", snapshot.describe())
+            self._monitor_sees = sees
+        elif sees and not snapshot.same_as(previous):
+            logger.info("%s", snapshot.describe())
+        self.capacity = snapshot
+        if view is None:
+            self.gate.update(self._limits(snapshot), viewing=False)
+        else:
+            self.gate.update(self._limits(snapshot), seen=seen, viewing=True)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a helper task the proxy keeps referenced until it ends."""

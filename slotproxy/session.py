@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from . import backend, wire
 from .admission import State, Ticket
 from .errors import ClientError, ProtocolError, Reason
+from .monitor import normalize_host
 from .relay import Relay
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ class Session:
         self.ticket = Ticket(info=self)
         self.backend_address = proxy.config.backend.address
         self.backend_key: tuple[int, bytes] | None = None
+        self.backend_endpoint: tuple[str, int] | None = None  # our end of the server connection
         self.relay: Relay | None = None
         self.reason: Reason | None = None
         self.task: asyncio.Task[None] | None = None
@@ -238,7 +240,7 @@ class Session:
                     try:
                         answered = await backend.connect(
                             self.backend_address, self.startup.raw + self.handshake.early,
-                            config.backend.connect_timeout)
+                            config.backend.connect_timeout, self._connected)
                     except backend.ConnectFailed as e:
                         failure = e
                         attempts += 1
@@ -259,6 +261,11 @@ class Session:
             if self._client_gone:
                 self._decided("left: client hung up", loop.time() - started, attempts)
             raise
+
+    def _connected(self, transport: asyncio.Transport) -> None:
+        sockname = transport.get_extra_info("sockname")
+        if sockname:
+            self.backend_endpoint = (normalize_host(sockname[0]), sockname[1])
 
     def _deadline_error(self, waited: float, failure: backend.ConnectFailed | None,
                         attempts: int) -> ClientError:
@@ -382,13 +389,18 @@ def _backend_idle(relay: Relay) -> bool:
 
 
 class _StartupTracker:
-    """Follows the server's startup messages to learn the backend's cancel key."""
+    """Follows the server's startup messages: the backend's cancel key, and refusals.
 
-    __slots__ = ("session", "framer")
+    A 53300 here came after an authentication exchange the proxy could not
+    repeat for the client, so it reached the client: a sign that
+    admission.headroom is too small.
+    """
+
+    __slots__ = ("framer", "session")
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        self.framer = wire.MessageFramer(keep=b"KZ")
+        self.framer = wire.MessageFramer(keep=b"KZE")
 
     def feed(self, data: bytes) -> None:
         try:
@@ -405,6 +417,17 @@ class _StartupTracker:
                     continue
                 self.session.backend_key = key
                 self.session.proxy.cancel_keys[key] = self.session
+            elif mtype == 69 and body is not None:  # 'E'
+                try:
+                    fields = wire.parse_fields(body)
+                except ProtocolError:
+                    continue
+                if fields.get("C") == "53300":
+                    self.session.proxy.gate.post_auth_refusals += 1
+                    self.session.log.warning(
+                        "the server refused this client after authentication (53300: %s); it "
+                        "cannot be retried for a password login: raise admission.headroom "
+                        "or lower admission.max_backend_slots", fields.get("M", ""))
             elif mtype == 90:  # 'Z' ReadyForQuery: the startup phase is over
                 self._done()
                 return

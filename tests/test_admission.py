@@ -5,8 +5,10 @@ from __future__ import annotations
 from slotproxy.admission import Admission, Backoff, Decision, Limits, State, Ticket
 
 
-def make(slots: int = 2, queue: int = 10) -> Admission:
-    return Admission(Limits(max_slots=slots, max_queue=queue), Backoff(first=1.0, cap=4.0))
+def make(slots: int | None = 2, queue: int = 10, connecting: int = 100,
+         unseen: int | None = None) -> Admission:
+    return Admission(Limits(max_slots=slots, max_queue=queue, max_connecting=connecting,
+                            max_unseen=unseen), Backoff(first=1.0, cap=4.0))
 
 
 def arrive(adm: Admission, n: int, now: float = 0.0) -> list[Ticket]:
@@ -100,13 +102,13 @@ def test_probe_that_hangs_up_hands_the_probe_on() -> None:
 def test_raising_the_limit_admits_waiters_at_once() -> None:
     adm = make(slots=1)
     _, b, c = arrive(adm, 3)
-    assert adm.set_limits(Limits(max_slots=3, max_queue=10), 1.0) == [b, c]
+    assert adm.update(Limits(max_slots=3, max_queue=10), 1.0) == [b, c]
 
 
 def test_lowering_the_limit_ends_nobody() -> None:
     adm = make(slots=3)
     a, b, c, d = arrive(adm, 4)
-    adm.set_limits(Limits(max_slots=1, max_queue=10), 1.0)
+    adm.update(Limits(max_slots=1, max_queue=10), 1.0)
     assert adm.holders == {a, b, c}
     assert adm.release(a, 2.0) == [] and adm.release(b, 2.0) == []
     assert adm.release(c, 2.0) == [d]
@@ -117,3 +119,53 @@ def test_drain_empties_the_queue_in_order() -> None:
     holder, b, c = arrive(adm, 3)
     assert adm.drain() == [b, c]
     assert adm.waiting == 0 and adm.holders == {holder}
+
+
+def test_no_cap_admits_everyone_it_may_start() -> None:
+    adm = make(slots=None, connecting=3)
+    tickets = arrive(adm, 5)
+    assert len(adm.holders) == 3 and adm.waiting == 2  # only startups in flight are limited
+    for t in tickets[:3]:
+        adm.answered(t, 1.0)
+    assert adm.holders == set(tickets) and adm.waiting == 0
+
+
+def test_startups_in_flight_are_limited() -> None:
+    adm = make(slots=10, connecting=2)
+    a, b, c, d = arrive(adm, 4)
+    assert adm.connecting == {a, b} and list(adm.waiters()) == [c, d]
+    assert adm.answered(a, 1.0) == [c]  # a's server answered: c may start
+    adm.refused(b, 1.0)  # b's refused: it waits in front, admission blocks
+    assert adm.connecting == {c} and list(adm.waiters()) == [b, d]
+    assert adm.peak_connecting == 2
+
+
+def test_unseen_sessions_are_limited_until_a_poll_shows_them() -> None:
+    adm = make(slots=10, unseen=2)
+    a, b, c, d = arrive(adm, 4)
+    for t in (a, b):
+        adm.answered(t, 0.5)
+    assert adm.holders == {a, b}  # c and d wait: peers cannot see a and b yet
+    assert adm.update(adm.limits, 1.0, seen=[a, b], viewing=True) == [c, d]
+    assert adm.unseen == {c, d}
+
+
+def test_with_a_view_a_refusal_blocks_until_the_next_poll() -> None:
+    adm = make(slots=5)
+    adm.update(adm.limits, 0.0, seen=[], viewing=True)
+    a, b = arrive(adm, 2)
+    adm.refused(a, 1.0)
+    adm.refused(b, 1.0)
+    assert adm.unblock(1000.0) == []  # no timer ends it: only a poll does
+    assert adm.update(adm.limits, 2.0, seen=[]) == [a]  # the poll lifts it; a probes
+    assert adm.answered(a, 2.1) == [b]
+
+
+def test_losing_the_view_turns_the_block_into_a_backoff() -> None:
+    adm = make(slots=5)
+    adm.update(adm.limits, 0.0, seen=[], viewing=True)
+    [a] = arrive(adm, 1)
+    adm.refused(a, 1.0)
+    adm.update(adm.limits, 3.0, viewing=False)
+    assert adm.blocked_until == 4.0  # the first backoff step from now
+    assert adm.unblock(4.0) == [a]
