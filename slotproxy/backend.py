@@ -23,6 +23,7 @@ RETRYABLE_SQLSTATES = frozenset({
 })
 
 _ERROR = ord("E")
+_NEGOTIATE = ord("v")
 _AUTH = ord("R")
 _AUTH_OK = b"\x00\x00\x00\x00"
 
@@ -69,6 +70,7 @@ class _FirstAnswer(asyncio.Protocol):
         self.framer = MessageFramer(keep=b"ER", max_body=64 * 1024)
         self.transport: asyncio.Transport | None = None
         self.auth_ok = False
+        self.closed: asyncio.Future[None] = result.get_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -82,6 +84,8 @@ class _FirstAnswer(asyncio.Protocol):
         except ProtocolError:
             messages = [(0, None)]  # not our business: let the client see it
         for mtype, body in messages:
+            if mtype == _NEGOTIATE:
+                continue  # NegotiateProtocolVersion comes before a refusal too; sent again on retry
             if mtype == _AUTH and body == _AUTH_OK and not self.auth_ok:
                 self.auth_ok = True  # trust: the next message decides
                 continue
@@ -107,6 +111,8 @@ class _FirstAnswer(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
         if not self.result.done():
             why = f"connection lost: {exc}" if exc else "server closed the connection before answering"
             self.result.set_exception(ConnectFailed(why))
@@ -139,8 +145,11 @@ async def connect(address: Address, first_bytes: bytes, timeout: float,
             transport.abort()
         raise ConnectFailed(e.strerror or str(e)) from None
     except BaseException:
-        if transport is not None:
-            transport.abort()
+        # Given up on (client gone, deadline): tell the server with EOF, so that a
+        # backend already started exits; the caller waits for it via `closed`.
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+            transport.write_eof()
         raise
     return Answered(transport, received)
 

@@ -24,6 +24,7 @@ class Reason(enum.Enum):
     SHUTDOWN = "shutdown"
     PROTOCOL_ERROR = "protocol_error"
     STARTUP_TIMEOUT = "startup_timeout"
+    INTERNAL_ERROR = "internal_error"
     # Ends without an answer of ours.
     CLIENT_GONE = "client_gone"  # hung up before its session began
     TLS_UNSUPPORTED = "tls_unsupported"  # direct-TLS hello while TLS is off

@@ -6,9 +6,11 @@ the other until it drains. An optional observer sees each chunk from the
 server, for the session to follow what it needs (kept off the plain path).
 
 Closing: the server closing makes the client transport close once its
-buffer is flushed, so a server FATAL reaches the client first. The client
-going away half-closes the server side (write_eof) and keeps reading until
-the server closes: only then is the server's slot free again.
+buffer is flushed, so a server FATAL reaches the client first. The client's
+EOF means it is gone (PostgreSQL drivers close both ways; after a FIN only a
+write would tell a half-close apart, and a vanished client's query would then
+hold its slot to the end). The server side is then half-closed and read (and
+dropped) until the server closes: only then is its slot free again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 from collections.abc import Callable
 
 WRITE_HIGH_WATER = 256 * 1024
+TAIL = 8  # bytes of the last chunk each way kept for `on_client_gone`
 
 Observer = Callable[[bytes], None]
 
@@ -45,7 +48,7 @@ class _ClientHalf(_Half):
 
     def data_received(self, data: bytes) -> None:
         relay = self.relay
-        relay.last_client_chunk = data
+        relay.client_tail = data[-TAIL:]
         relay.client_bytes_since_server += len(data)
         self.peer.write(data)
 
@@ -70,7 +73,7 @@ class _ServerHalf(_Half):
         if self.observer is not None:
             self.observer(data)
         relay = self.relay
-        relay.last_server_chunk = data
+        relay.server_tail = data[-TAIL:]
         relay.client_bytes_since_server = 0
         self.peer.write(data)
 
@@ -121,8 +124,8 @@ class Relay:
         self.server = server
         self.server_closed: asyncio.Future[None] = loop.create_future()
         self.client_closed: asyncio.Future[None] = loop.create_future()
-        self.last_client_chunk = b""
-        self.last_server_chunk = b""
+        self.client_tail = b""
+        self.server_tail = b""
         self.client_bytes_since_server = 0
         self._on_client_gone = on_client_gone
         self._client_left = False
@@ -153,10 +156,7 @@ class Relay:
         # Keep reading until the server closes, so we know its slot is free.
         self.server.set_protocol(_Drain(self))
         self.server.resume_reading()
-        if self.server.can_write_eof():
-            self.server.write_eof()
-        else:
-            self.server.close()
+        self.server.write_eof()
 
     def _server_gone(self) -> None:
         if self._server_left:

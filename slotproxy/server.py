@@ -23,6 +23,28 @@ from .session import Handshake, Phase, Session
 
 logger = logging.getLogger("slotproxy.server")
 
+
+class Throttle:
+    """At most one log line per interval; the lines held back are counted in the next."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.count = 0
+        self._next_at = 0.0
+        self._held = 0
+
+    def warn(self, log: logging.Logger, msg: str, *args: Any) -> None:
+        self.count += 1
+        now = asyncio.get_running_loop().time()
+        if now < self._next_at:
+            self._held += 1
+            return
+        if self._held:
+            msg += f" ({self._held} more like it in the last {self.interval:g} s)"
+        log.warning(msg, *args)
+        self._held = 0
+        self._next_at = now + self.interval
+
 LISTEN_BACKLOG = 4096  # bursts of clients arrive at once; the kernel caps it at somaxconn
 
 
@@ -46,6 +68,7 @@ class Proxy:
         self._ids = itertools.count(1)
         self._all_closed: asyncio.Event | None = None
         self.stopping = False
+        self.unknown_cancels = Throttle(interval=1.0)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -136,6 +159,7 @@ class Proxy:
         return session
 
     def _session_done(self, session: Session) -> None:
+        session.finalize()
         self.sessions.discard(session)
         if not self.sessions and self._all_closed is not None:
             self._all_closed.set()
@@ -187,8 +211,9 @@ class Proxy:
         else:
             self.gate.update(self._limits(snapshot), seen=seen, viewing=True)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a helper task the proxy keeps referenced until it ends."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task

@@ -54,6 +54,7 @@ class Handshake(asyncio.Protocol):
         self.reader = wire.StartupReader()
         self.early = bytearray()
         self.session: Session | None = None
+        self.discarding = False  # refused for sending too much: read on, keep nothing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -62,6 +63,8 @@ class Handshake(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         session = self.session
         assert session is not None
+        if self.discarding:
+            return
         if self.reader.finished:
             self._keep(data)
             return
@@ -82,7 +85,10 @@ class Handshake(asyncio.Protocol):
             return
         self.early += data
         if len(self.early) > EARLY_BYTES_LIMIT:
-            self.transport.pause_reading()
+            # Keep reading and dropping: closing on unread bytes would send a reset
+            # that can destroy the ErrorResponse before the client reads it.
+            self.discarding = True
+            self.early = bytearray()
             self.session.abort(ProtocolError(  # type: ignore[union-attr]
                 f"client sent more than {EARLY_BYTES_LIMIT} bytes before the server answered"))
 
@@ -118,6 +124,7 @@ class Session:
         self.backend_address = proxy.config.backend.address
         self.backend_key: tuple[int, bytes] | None = None
         self.backend_endpoint: tuple[str, int] | None = None  # our end of the server connection
+        self._connecting: asyncio.Transport | None = None  # the server connection before relaying
         self.relay: Relay | None = None
         self.reason: Reason | None = None
         self.task: asyncio.Task[None] | None = None
@@ -179,17 +186,31 @@ class Session:
         except ClientError as e:
             self._refuse(e)
         except asyncio.CancelledError:
-            if self._abort_error is not None:
-                self._refuse(self._abort_error)
-            elif self._client_gone:
-                self._finish(Reason.CLIENT_GONE)
-            else:
-                self._finish(Reason.SHUTDOWN)
+            self._interrupted()
         except Exception:
             self.log.exception("internal error")
-            self._refuse(ClientError(Reason.PROTOCOL_ERROR, "XX000", "slotproxy internal error"))
-        finally:
-            self._cleanup()
+            self._refuse(ClientError(Reason.INTERNAL_ERROR, "XX000", "slotproxy internal error"))
+
+    def finalize(self) -> None:
+        """Close and release whatever is left; runs once the task is done.
+
+        Also when the task was cancelled before it ever ran, so nothing here
+        may rely on the coroutine's own exit path.
+        """
+        if self.reason is None:
+            self._interrupted()
+        self._cleanup()
+
+    def _interrupted(self) -> None:
+        """The task was cancelled: the client left, it was refused, or we shut down."""
+        if self.reason is not None:
+            self._finish(self.reason)
+        elif self._abort_error is not None:
+            self._refuse(self._abort_error)
+        elif self._client_gone:
+            self._finish(Reason.CLIENT_GONE)
+        else:
+            self._finish(Reason.SHUTDOWN)
 
     async def _run(self) -> None:
         config = self.proxy.config
@@ -208,6 +229,7 @@ class Session:
             return
         if isinstance(event, wire.CancelRequest):
             await self._forward_cancel(event)
+            self._finish(self.reason)  # type: ignore[arg-type]
             return
         if isinstance(event, wire.DirectTLS):
             self.log.info("direct TLS connection closed: TLS is not enabled")
@@ -258,11 +280,15 @@ class Session:
             self._decided(f"refused ({e.reason.value})", loop.time() - started, attempts)
             raise
         except asyncio.CancelledError:
-            if self._client_gone:
+            if self._abort_error is not None:
+                self._decided(f"refused ({self._abort_error.reason.value})", loop.time() - started,
+                              attempts)
+            elif self._client_gone:
                 self._decided("left: client hung up", loop.time() - started, attempts)
             raise
 
     def _connected(self, transport: asyncio.Transport) -> None:
+        self._connecting = transport
         sockname = transport.get_extra_info("sockname")
         if sockname:
             self.backend_endpoint = (normalize_host(sockname[0]), sockname[1])
@@ -296,6 +322,7 @@ class Session:
 
     async def _relay(self, answered: backend.Answered, sent: int) -> None:
         self.phase = Phase.RELAYING
+        self._connecting = None
         server = answered.transport
         tracker = _StartupTracker(self)
         self.relay = relay = Relay(self.transport, server, observer=tracker.feed,
@@ -339,14 +366,17 @@ class Session:
     async def _forward_cancel(self, request: wire.CancelRequest) -> None:
         target = self.proxy.cancel_keys.get((request.pid, request.key))
         if target is None:
-            self.log.warning("cancel request for unknown backend pid %d dropped", request.pid)
-            self._finish(Reason.CANCEL_UNKNOWN)
+            self.reason = Reason.CANCEL_UNKNOWN
+            self.proxy.unknown_cancels.warn(
+                logger, "cancel request for unknown backend pid %d dropped (from %s)",
+                request.pid, self.prefix())
             return
+        self.reason = Reason.CANCEL_FORWARDED
         self.log.info("forwarding cancel request for backend pid %d (%s)", request.pid,
                       target.prefix())
-        await self._send_cancel(request.raw)
-        # The client learns the cancel was delivered when we close, as with the server.
-        self._finish(Reason.CANCEL_FORWARDED)
+        # Delivered even if the sender hangs up at once (some drivers do); the
+        # sender learns it was delivered when we close, as from the server.
+        await asyncio.shield(self.proxy.spawn(self._send_cancel(request.raw)))
 
     # -- endings -------------------------------------------------------------------------
 
@@ -367,7 +397,14 @@ class Session:
     def _cleanup(self) -> None:
         self.phase = Phase.CLOSED
         if self.ticket.state is State.HOLDING:
-            self.proxy.gate.release(self.ticket)
+            connecting = self._connecting
+            if connecting is not None and not connecting.is_closing():
+                # Left while the server was starting its backend: that backend may
+                # hold a slot until it sees our EOF and exits.
+                self.proxy.spawn(_release_when_closed(
+                    self.proxy, self.ticket, connecting, self.proxy.config.backend.connect_timeout))
+            else:
+                self.proxy.gate.release(self.ticket)
         if self.backend_key is not None and self.proxy.cancel_keys.get(self.backend_key) is self:
             del self.proxy.cancel_keys[self.backend_key]
         if self.relay is not None:
@@ -377,15 +414,28 @@ class Session:
             self.transport.close()
 
 
+async def _release_when_closed(proxy: Proxy, ticket: Ticket, transport: asyncio.Transport,
+                               timeout: float) -> None:
+    closed: asyncio.Future[None] = transport.get_protocol().closed  # type: ignore[attr-defined]
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(closed)
+    except TimeoutError:
+        transport.abort()
+    finally:
+        if ticket.state is State.HOLDING:
+            proxy.gate.release(ticket)
+
+
 def _backend_idle(relay: Relay) -> bool:
     """Whether the server's last word was ReadyForQuery and the client asked nothing since.
 
     A Terminate after it does not count: the backend reads it only once idle.
     """
-    tail = relay.last_server_chunk
+    tail = relay.server_tail
     ready = len(tail) >= 6 and tail[-6:-1] == READY_FOR_QUERY_LENGTH
     since = relay.client_bytes_since_server
-    return ready and (since == 0 or (since == len(TERMINATE) and relay.last_client_chunk == TERMINATE))
+    return ready and (since == 0 or (since == len(TERMINATE) and relay.client_tail == TERMINATE))
 
 
 class _StartupTracker:
