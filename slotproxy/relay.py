@@ -2,8 +2,8 @@
 
 Knows nothing of PostgreSQL. Flow control is coupled across the pair: when
 one transport's write buffer passes its high-water mark, reading stops on
-the other until it drains. An optional observer sees each chunk from the
-server, for the session to follow what it needs (kept off the plain path).
+the other until it drains. Optional observers see each chunk each way, for
+the session to follow what it needs.
 
 Closing: the server closing makes the client transport close once its
 buffer is flushed, so a server FATAL reaches the client first. The client's
@@ -19,7 +19,6 @@ import asyncio
 from collections.abc import Callable
 
 WRITE_HIGH_WATER = 256 * 1024
-TAIL = 8  # bytes of the last chunk each way kept for `on_client_gone`
 
 Observer = Callable[[bytes], None]
 
@@ -44,12 +43,16 @@ class _Half(asyncio.Protocol):
 
 
 class _ClientHalf(_Half):
-    __slots__ = ()
+    __slots__ = ("observer",)
+
+    def __init__(self, relay: Relay, transport: asyncio.Transport, peer: asyncio.Transport,
+                 observer: Observer | None) -> None:
+        super().__init__(relay, transport, peer)
+        self.observer = observer
 
     def data_received(self, data: bytes) -> None:
-        relay = self.relay
-        relay.client_tail = data[-TAIL:]
-        relay.client_bytes_since_server += len(data)
+        if self.observer is not None:
+            self.observer(data)
         self.peer.write(data)
 
     def eof_received(self) -> bool:
@@ -72,9 +75,6 @@ class _ServerHalf(_Half):
     def data_received(self, data: bytes) -> None:
         if self.observer is not None:
             self.observer(data)
-        relay = self.relay
-        relay.server_tail = data[-TAIL:]
-        relay.client_bytes_since_server = 0
         self.peer.write(data)
 
     def eof_received(self) -> bool:
@@ -106,9 +106,8 @@ class Relay:
     """Couples a client transport with a server transport.
 
     `server_closed` resolves when the server's connection is closed (its slot
-    is free), `client_closed` when the client's is. `on_client_gone(relay)`
-    runs once if the client leaves while the server connection is still open;
-    the last chunks each way tell it what the server was doing.
+    is free), `client_closed` when the client's is. `on_client_gone()` runs
+    once if the client leaves while the server connection is still open.
     """
 
     def __init__(
@@ -116,28 +115,35 @@ class Relay:
         client: asyncio.Transport,
         server: asyncio.Transport,
         *,
-        observer: Observer | None = None,
-        on_client_gone: Callable[[Relay], None] | None = None,
+        client_observer: Observer | None = None,
+        server_observer: Observer | None = None,
+        on_client_gone: Callable[[], None] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.client = client
         self.server = server
         self.server_closed: asyncio.Future[None] = loop.create_future()
         self.client_closed: asyncio.Future[None] = loop.create_future()
-        self.client_tail = b""
-        self.server_tail = b""
-        self.client_bytes_since_server = 0
         self._on_client_gone = on_client_gone
         self._client_left = False
         self._server_left = False
         for t in (client, server):
             t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.server_half = _ServerHalf(self, server, client, observer)
-        client.set_protocol(_ClientHalf(self, client, server))
+        self.server_half = _ServerHalf(self, server, client, server_observer)
+        client.set_protocol(_ClientHalf(self, client, server, client_observer))
         server.set_protocol(self.server_half)
 
-    def set_observer(self, observer: Observer | None) -> None:
+    def set_server_observer(self, observer: Observer | None) -> None:
         self.server_half.observer = observer
+
+    def to_client(self, data: bytes) -> None:
+        """Send the client bytes of our own (at a message boundary: the caller knows)."""
+        if not self._client_left:
+            self.client.write(data)
+
+    def to_server(self, data: bytes) -> None:
+        if not self._server_left and not self._client_left:
+            self.server.write(data)
 
     def close(self) -> None:
         """Close both sides now (shutdown timeout)."""
@@ -152,7 +158,7 @@ class Relay:
         if self._server_left:
             return
         if self._on_client_gone is not None:
-            self._on_client_gone(self)
+            self._on_client_gone()
         # Keep reading until the server closes, so we know its slot is free.
         self.server.set_protocol(_Drain(self))
         self.server.resume_reading()

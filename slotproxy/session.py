@@ -34,8 +34,6 @@ logger = logging.getLogger("slotproxy.session")
 EARLY_BYTES_LIMIT = 64 * 1024
 # How long a closed session waits for the client to take what is still buffered.
 CLIENT_FLUSH_TIMEOUT = 10.0
-TERMINATE = b"X\x00\x00\x00\x04"
-READY_FOR_QUERY_LENGTH = b"Z\x00\x00\x00\x05"
 
 
 class Phase(enum.Enum):
@@ -126,6 +124,7 @@ class Session:
         self.backend_endpoint: tuple[str, int] | None = None  # our end of the server connection
         self._connecting: asyncio.Transport | None = None  # the server connection before relaying
         self.relay: Relay | None = None
+        self.tracker: wire.SessionTracker | None = None
         self.reason: Reason | None = None
         self.task: asyncio.Task[None] | None = None
         self.log = _Prefixed(logger, self)
@@ -324,14 +323,16 @@ class Session:
         self.phase = Phase.RELAYING
         self._connecting = None
         server = answered.transport
-        tracker = _StartupTracker(self)
-        self.relay = relay = Relay(self.transport, server, observer=tracker.feed,
+        tracker = self.tracker = wire.SessionTracker(asyncio.get_running_loop().time)
+        self.relay = relay = Relay(self.transport, server, client_observer=tracker.from_client,
+                                   server_observer=self._startup_observer,
                                    on_client_gone=self._client_left_session)
         early = self.handshake.early
+        tracker.from_client(bytes(early))
         if len(early) > sent:
             server.write(early[sent:])  # arrived while we were connecting
         self.handshake.early = bytearray()
-        tracker.feed(answered.received)
+        self._startup_observer(bytes(answered.received))
         self.transport.write(answered.received)
         server.resume_reading()
 
@@ -346,9 +347,37 @@ class Session:
         except TimeoutError:
             self.transport.abort()
 
-    def _client_left_session(self, relay: Relay) -> None:
+    def _startup_observer(self, data: bytes) -> None:
+        """Follows the server until its first ReadyForQuery: the cancel key, refusals."""
+        tracker = self.tracker
+        assert tracker is not None and self.relay is not None
+        tracker.from_server(data)
+        if tracker.backend_key is not None and self.backend_key is None:
+            self.backend_key = tracker.backend_key
+            self.proxy.cancel_keys[self.backend_key] = self
+        for fields in tracker.errors:
+            if fields.get("C") == "53300":
+                # After an authentication exchange the proxy could not repeat for the
+                # client, so it reached the client: headroom is too small.
+                self.proxy.gate.post_auth_refusals += 1
+                self.log.warning(
+                    "the server refused this client after authentication (53300: %s); it "
+                    "cannot be retried for a password login: raise admission.headroom "
+                    "or lower admission.max_backend_slots", fields.get("M", ""))
+        tracker.errors.clear()
+        if tracker.ready or tracker.lost:
+            self.relay.set_server_observer(tracker.from_server)
+
+    @property
+    def state(self) -> str:
+        """What the session is doing: its phase before relaying, then the tracker's state."""
+        if self.phase is Phase.RELAYING and self.tracker is not None:
+            return self.tracker.state
+        return self.phase.value
+
+    def _client_left_session(self) -> None:
         """The client went away while its server session is open."""
-        if self.backend_key is None or _backend_idle(relay):
+        if self.backend_key is None or self.state != wire.ACTIVE:
             return
         # It left mid-request: the backend would run that to the end before
         # noticing, holding the slot. Cancel it so the slot frees sooner.
@@ -425,66 +454,6 @@ async def _release_when_closed(proxy: Proxy, ticket: Ticket, transport: asyncio.
     finally:
         if ticket.state is State.HOLDING:
             proxy.gate.release(ticket)
-
-
-def _backend_idle(relay: Relay) -> bool:
-    """Whether the server's last word was ReadyForQuery and the client asked nothing since.
-
-    A Terminate after it does not count: the backend reads it only once idle.
-    """
-    tail = relay.server_tail
-    ready = len(tail) >= 6 and tail[-6:-1] == READY_FOR_QUERY_LENGTH
-    since = relay.client_bytes_since_server
-    return ready and (since == 0 or (since == len(TERMINATE) and relay.client_tail == TERMINATE))
-
-
-class _StartupTracker:
-    """Follows the server's startup messages: the backend's cancel key, and refusals.
-
-    A 53300 here came after an authentication exchange the proxy could not
-    repeat for the client, so it reached the client: a sign that
-    admission.headroom is too small.
-    """
-
-    __slots__ = ("framer", "session")
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.framer = wire.MessageFramer(keep=b"KZE")
-
-    def feed(self, data: bytes) -> None:
-        try:
-            messages = self.framer.feed(data)
-        except ProtocolError as e:
-            self.session.log.warning("cannot follow the server's startup messages: %s", e.message)
-            self._done()
-            return
-        for mtype, body in messages:
-            if mtype == 75 and body is not None:  # 'K' BackendKeyData
-                try:
-                    key = wire.parse_backend_key(body)
-                except ProtocolError:
-                    continue
-                self.session.backend_key = key
-                self.session.proxy.cancel_keys[key] = self.session
-            elif mtype == 69 and body is not None:  # 'E'
-                try:
-                    fields = wire.parse_fields(body)
-                except ProtocolError:
-                    continue
-                if fields.get("C") == "53300":
-                    self.session.proxy.gate.post_auth_refusals += 1
-                    self.session.log.warning(
-                        "the server refused this client after authentication (53300: %s); it "
-                        "cannot be retried for a password login: raise admission.headroom "
-                        "or lower admission.max_backend_slots", fields.get("M", ""))
-            elif mtype == 90:  # 'Z' ReadyForQuery: the startup phase is over
-                self._done()
-                return
-
-    def _done(self) -> None:
-        if self.session.relay is not None:
-            self.session.relay.set_observer(None)
 
 
 class _Prefixed(logging.LoggerAdapter):

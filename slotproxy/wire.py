@@ -13,7 +13,7 @@ The only exception raised here is `ProtocolError`; anything else is a bug.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
@@ -348,3 +348,165 @@ class MessageFramer:
             out.append((mtype, bytes(partial[5:])))
             partial.clear()
         return pos
+
+
+
+# -- following a relayed session -----------------------------------------------------
+
+STARTING = "starting"
+ACTIVE = "active"
+IDLE = "idle"
+IDLE_IN_TRANSACTION = "idle in transaction"
+IDLE_IN_FAILED_TRANSACTION = "idle in transaction (aborted)"
+_TXN_STATES = {ord("I"): IDLE, ord("T"): IDLE_IN_TRANSACTION, ord("E"): IDLE_IN_FAILED_TRANSACTION}
+
+_Z = ord("Z")  # ReadyForQuery
+_K = ord("K")  # BackendKeyData
+_E = ord("E")  # ErrorResponse
+_MAX_STARTUP_BODY = 64 * 1024
+
+# What each client message type means for the session, by type byte.
+_NOTHING, _REQUEST, _BATCH, _TERMINATE = 0, 1, 2, 3
+_CLIENT_KIND = bytearray(256)
+for _t in b"QSF":  # Query, Sync, FunctionCall: each answered by one ReadyForQuery
+    _CLIENT_KIND[_t] = _REQUEST
+for _t in b"PBEDCH":  # extended-protocol work that the next Sync closes
+    _CLIENT_KIND[_t] = _BATCH
+_CLIENT_KIND[ord("X")] = _TERMINATE
+_CLIENT_KIND = bytes(_CLIENT_KIND)
+
+
+class SessionTracker:
+    """Follows both directions of a relayed session to know what it is doing.
+
+    A session is `active` from a client request until the ReadyForQuery that
+    answers it; otherwise idle, idle in a transaction, or idle in a failed one
+    (the status byte of the last ReadyForQuery). Before its first
+    ReadyForQuery it is `starting`; meanwhile the tracker keeps the
+    BackendKeyData and any ErrorResponse for the session to read. `since` is
+    the `clock()` reading at the last change between active and not.
+
+    It runs on every chunk of every result, so it reads message headers only
+    and skips bodies without copying them. A message whose header is split
+    across two chunks is carried over and joined with the next chunk.
+    """
+
+    __slots__ = ("_c_carry", "_c_skip", "_clock", "_s_carry", "_s_skip", "backend_key", "batch",
+                 "errors", "lost", "pending", "ready", "since", "terminated", "txn")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.pending = 0  # requests sent that await their ReadyForQuery
+        self.batch = False  # extended-protocol messages sent since the last ReadyForQuery
+        self.txn = IDLE
+        self.ready = False  # the first ReadyForQuery was seen: startup is over
+        self.terminated = False  # the client sent Terminate
+        self.since = clock()
+        self.backend_key: tuple[int, bytes] | None = None
+        self.errors: list[dict[str, str]] = []  # ErrorResponses before the first ReadyForQuery
+        self._c_skip = self._s_skip = 0  # bytes left of a message body being skipped
+        self._c_carry = self._s_carry = b""  # the start of a message split across chunks
+        # The stream stopped making sense (a length below 4): from then on the session
+        # counts as active, so it is never reclaimed; the bytes still flow.
+        self.lost = False
+
+    @property
+    def state(self) -> str:
+        if self.lost:
+            return ACTIVE
+        if not self.ready:
+            return STARTING
+        if self.pending or self.batch or self._c_carry or self._c_skip:
+            return ACTIVE  # a request in flight, or the client is midway through one
+        return self.txn
+
+    def from_client(self, data: bytes) -> None:
+        if self.lost:
+            return
+        pos = self._c_skip
+        if self._c_carry:
+            data = self._c_carry + data
+            self._c_carry = b""
+        n = len(data)
+        if pos >= n:
+            self._c_skip = pos - n
+            return
+        unpack = _INT32.unpack_from
+        kinds = _CLIENT_KIND
+        while n - pos >= 5:
+            kind = kinds[data[pos]]
+            if kind:
+                if kind == _REQUEST:
+                    if not (self.pending or self.batch):
+                        self.since = self._clock()
+                    self.pending += 1
+                elif kind == _BATCH:
+                    if not (self.pending or self.batch):
+                        self.since = self._clock()
+                    self.batch = True
+                else:
+                    self.terminated = True
+            (length,) = unpack(data, pos + 1)
+            if length < 4:
+                self.lost = True
+                return
+            pos += 1 + length
+        if pos > n:
+            self._c_skip = pos - n
+        else:
+            self._c_skip = 0
+            if pos < n:
+                self._c_carry = data[pos:]
+
+    def from_server(self, data: bytes) -> None:
+        if self.lost:
+            return
+        pos = self._s_skip
+        if self._s_carry:
+            data = self._s_carry + data
+            self._s_carry = b""
+        n = len(data)
+        if pos >= n:
+            self._s_skip = pos - n
+            return
+        unpack = _INT32.unpack_from
+        while n - pos >= 5:
+            mtype = data[pos]
+            (length,) = unpack(data, pos + 1)
+            if length < 4:
+                self.lost = True
+                return
+            end = pos + 1 + length
+            if mtype == _Z:
+                if end > n:
+                    break  # its status byte is in the next chunk
+                self._ready_for_query(data[pos + 5])
+            elif not self.ready and (mtype == _K or mtype == _E) and length <= _MAX_STARTUP_BODY:
+                if end > n:
+                    break  # carried over whole: its body is needed
+                self._startup_message(mtype, data[pos + 5:end])
+            pos = end
+        if pos > n:
+            self._s_skip = pos - n
+        else:
+            self._s_skip = 0
+            if pos < n:
+                self._s_carry = data[pos:]
+
+    def _ready_for_query(self, status: int) -> None:
+        if self.pending:
+            self.pending -= 1
+        if not self.pending:
+            self.batch = False
+            self.since = self._clock()
+        self.txn = _TXN_STATES.get(status, IDLE)
+        self.ready = True
+
+    def _startup_message(self, mtype: int, body: bytes) -> None:
+        try:
+            if mtype == _K:
+                self.backend_key = parse_backend_key(body)
+            else:
+                self.errors.append(parse_fields(body))
+        except ProtocolError:
+            pass  # the client will make of it what it can

@@ -103,6 +103,15 @@ async def test_too_many_early_bytes_get_08P01_at_once(pg: Cluster, proxy_factory
 # -- cancel senders -------------------------------------------------------------------------------
 
 
+async def wait_until_sql(conn: asyncpg.Connection, sql: str, timeout: float = 10) -> None:
+    """Until `sql` returns true on the server."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await conn.fetchval(sql):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {sql!r}")
+        await asyncio.sleep(0.01)  # wait_until poll interval
+
+
 def cancel_key(conn: asyncpg.Connection) -> tuple[int, bytes]:
     return conn.get_server_pid(), struct.pack("!i", conn._protocol.backend_secret)
 
@@ -113,8 +122,10 @@ async def test_a_cancel_sender_that_does_not_wait_is_still_served(
     proxy = await proxy_factory(pg)
     conn = await asyncpg.connect(**at(proxy), user="app", database="postgres")
     running = asyncio.create_task(conn.execute("select pg_sleep(30)"))
-    await wait_until(lambda: proxy.gate.admission.holders and not running.done(), "the query running")
     pid, key = cancel_key(conn)
+    observer = await asyncpg.connect(pg.dsn())
+    await wait_until_sql(observer, f"select state = 'active' from pg_stat_activity where pid = {pid}")
+    await observer.close()
 
     def send_and_leave() -> None:
         with socket.create_connection(tuple(at(proxy).values()), timeout=5) as sender:
