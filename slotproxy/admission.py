@@ -1,10 +1,14 @@
 """Who may take a server slot, who waits, who is refused. Pure: time is passed in.
 
-One `Admission` per server. A client's `Ticket` moves between two collections:
-the queue (waiting, oldest first) and the holders (admitted: connecting or
-relaying). Counts are the sizes of those collections and their subsets:
-`connecting` (startups in flight) and `unseen` (holders no server poll has
-shown yet).
+One `Admission` per server, with one `Lane` per class of clients. A client's
+`Ticket` moves between two collections of its lane: the queue (waiting,
+oldest first) and the holders (admitted: connecting or relaying). Counts are
+the sizes of those collections and of the server-wide subsets `connecting`
+(startups in flight) and `unseen` (holders no server poll has shown yet).
+
+When a slot frees, the lane served next is: first one below its `min_slots`
+(the furthest below), else the one with the lowest held/weight; ties go to
+the lane whose first waiter came first. Lanes at their `max_slots` wait.
 
 A new ticket is admitted while all of these hold:
 - fewer holders than `max_slots` (None: no cap);
@@ -28,9 +32,11 @@ import bisect
 import enum
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .config import DEFAULT_CLASS, ClassConfig
 
 
 class State(enum.Enum):
@@ -43,9 +49,10 @@ class State(enum.Enum):
 class Ticket:
     """One client's place: in the queue, then holding a slot."""
 
-    __slots__ = ("admitted_at", "info", "queued_at", "seq", "state", "waker")
+    __slots__ = ("admitted_at", "info", "lane", "queued_at", "seq", "state", "waker")
 
-    def __init__(self, info: Any = None) -> None:
+    def __init__(self, info: Any = None, lane: str = DEFAULT_CLASS) -> None:
+        self.lane = lane  # the name of its class
         self.seq = -1
         self.queued_at = 0.0
         self.admitted_at: float | None = None
@@ -86,17 +93,59 @@ class Backoff:
 UNTIL_NEXT_VIEW = math.inf  # blocked until a poll of the server says otherwise
 
 
-class Admission:
-    """One server's slot budget and its waiting clients."""
+class Lane:
+    """One class's part of a server: its waiters and its holders."""
 
-    def __init__(self, limits: Limits, backoff: Backoff = Backoff()) -> None:
+    __slots__ = ("config", "holders", "queue", "returning")
+
+    def __init__(self, config: ClassConfig) -> None:
+        self.config = config
+        self.queue: dict[Ticket, None] = {}  # arrival order; O(1) removal
+        self.returning: list[Ticket] = []  # refused by the server; by seq, served first
+        self.holders: set[Ticket] = set()
+
+    @property
+    def waiting(self) -> int:
+        return len(self.returning) + len(self.queue)
+
+    def waiters(self) -> Iterator[Ticket]:
+        yield from self.returning
+        yield from self.queue
+
+    def head(self) -> Ticket:
+        return self.returning[0] if self.returning else next(iter(self.queue))
+
+    def pop(self) -> Ticket:
+        if self.returning:
+            return self.returning.pop(0)
+        ticket = next(iter(self.queue))
+        del self.queue[ticket]
+        return ticket
+
+    def remove(self, ticket: Ticket) -> None:
+        if ticket in self.queue:
+            del self.queue[ticket]
+        else:
+            self.returning.remove(ticket)
+
+    @property
+    def full(self) -> bool:
+        cap = self.config.max_slots
+        return cap is not None and len(self.holders) >= cap
+
+
+class Admission:
+    """One server's slot budget and its waiting clients, in lanes by class."""
+
+    def __init__(self, limits: Limits, classes: Sequence[ClassConfig] = (),
+                 backoff: Backoff = Backoff()) -> None:
         self.limits = limits
         self.backoff = backoff
+        self.lanes: dict[str, Lane] = {}
+        self.set_classes(classes)
         self.holders: set[Ticket] = set()
         self.connecting: set[Ticket] = set()  # holders whose server has not answered yet
         self.unseen: set[Ticket] = set()  # holders no poll of the server has shown yet
-        self._queue: dict[Ticket, None] = {}  # arrival order; O(1) removal
-        self._returning: list[Ticket] = []  # refused by the server; by seq, served first
         self._seq = itertools.count()
         self.failures = 0  # consecutive server refusals
         self.blocked_until: float | None = None
@@ -104,16 +153,26 @@ class Admission:
         self.viewing = False  # a monitor sees the server: refusals wait for its next poll
         self.peak_connecting = 0
 
+    def set_classes(self, classes: Sequence[ClassConfig]) -> None:
+        """One lane per class; a lane keeps its tickets when its class stays."""
+        configs = list(classes) or [ClassConfig(DEFAULT_CLASS, max_queue=self.limits.max_queue)]
+        lanes = {}
+        for config in configs:
+            lane = self.lanes.get(config.name) or Lane(config)
+            lane.config = config
+            lanes[config.name] = lane
+        self.lanes = lanes
+
     # -- what operators see -------------------------------------------------
 
     @property
     def waiting(self) -> int:
-        return len(self._returning) + len(self._queue)
+        return sum(lane.waiting for lane in self.lanes.values())
 
     def waiters(self) -> Iterator[Ticket]:
-        """Waiting tickets in the order they will be admitted."""
-        yield from self._returning
-        yield from self._queue
+        """Every waiting ticket, oldest first."""
+        return iter(sorted((t for lane in self.lanes.values() for t in lane.waiters()),
+                           key=lambda t: t.seq))
 
     @property
     def blocked(self) -> bool:
@@ -123,25 +182,24 @@ class Admission:
 
     def arrive(self, ticket: Ticket, now: float) -> Decision:
         assert ticket.state is State.NEW
+        lane = self.lanes[ticket.lane]
         ticket.seq = next(self._seq)
         ticket.queued_at = now
-        if not self.waiting and self._has_room():
-            self._hold(ticket, now)
+        ticket.state = State.WAITING
+        lane.queue[ticket] = None
+        self._fill(now)  # admits it if its lane may have a slot now; nobody else could
+        if ticket.state is State.HOLDING:
             return Decision.ADMITTED
-        if self.waiting >= self.limits.max_queue:
+        if lane.waiting > lane.config.max_queue:
+            lane.remove(ticket)
             ticket.state = State.DONE
             return Decision.QUEUE_FULL
-        ticket.state = State.WAITING
-        self._queue[ticket] = None
         return Decision.QUEUED
 
     def leave(self, ticket: Ticket) -> None:
         """A waiting client gave up (hung up, timed out): it leaves the queue."""
         assert ticket.state is State.WAITING
-        if ticket in self._queue:
-            del self._queue[ticket]
-        else:
-            self._returning.remove(ticket)
+        self.lanes[ticket.lane].remove(ticket)
         ticket.state = State.DONE
 
     def release(self, ticket: Ticket, now: float) -> list[Ticket]:
@@ -172,7 +230,7 @@ class Admission:
         self._drop(ticket)
         ticket.state = State.WAITING
         ticket.admitted_at = None
-        bisect.insort(self._returning, ticket)
+        bisect.insort(self.lanes[ticket.lane].returning, ticket)
         if ticket is self.probe:
             self.probe = None
         if self.blocked_until is None:
@@ -207,10 +265,11 @@ class Admission:
         return self._fill(now)
 
     def drain(self) -> list[Ticket]:
-        """Remove every waiter (shutdown); returns them in queue order."""
+        """Remove every waiter (shutdown); returns them oldest first."""
         gone = list(self.waiters())
-        self._returning.clear()
-        self._queue.clear()
+        for lane in self.lanes.values():
+            lane.returning.clear()
+            lane.queue.clear()
         for ticket in gone:
             ticket.state = State.DONE
         return gone
@@ -224,10 +283,27 @@ class Admission:
                 and (limits.max_unseen is None or len(self.unseen) < limits.max_unseen)
                 and not self.blocked)
 
+    def _pick(self) -> Lane | None:
+        """The lane a free slot goes to (see the module doc)."""
+        best: Lane | None = None
+        best_key: tuple[int, float, int] | None = None
+        for lane in self.lanes.values():
+            if not lane.waiting or lane.full:
+                continue
+            held = len(lane.holders)
+            if held < lane.config.min_slots:
+                key = (0, held - lane.config.min_slots, lane.head().seq)
+            else:
+                key = (1, held / lane.config.weight, lane.head().seq)
+            if best_key is None or key < best_key:
+                best, best_key = lane, key
+        return best
+
     def _hold(self, ticket: Ticket, now: float) -> None:
         ticket.state = State.HOLDING
         ticket.admitted_at = now
         self.holders.add(ticket)
+        self.lanes[ticket.lane].holders.add(ticket)
         self.connecting.add(ticket)
         self.unseen.add(ticket)
         self.peak_connecting = max(self.peak_connecting, len(self.connecting))
@@ -237,17 +313,17 @@ class Admission:
 
     def _drop(self, ticket: Ticket) -> None:
         self.holders.discard(ticket)
+        self.lanes[ticket.lane].holders.discard(ticket)
         self.connecting.discard(ticket)
         self.unseen.discard(ticket)
 
     def _fill(self, now: float) -> list[Ticket]:
         admitted: list[Ticket] = []
-        while self.waiting and self._has_room():
-            if self._returning:
-                ticket = self._returning.pop(0)
-            else:
-                ticket = next(iter(self._queue))
-                del self._queue[ticket]
+        while self._has_room():
+            lane = self._pick()
+            if lane is None:
+                break
+            ticket = lane.pop()
             self._hold(ticket, now)
             admitted.append(ticket)
         return admitted

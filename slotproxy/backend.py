@@ -64,8 +64,9 @@ class _FirstAnswer(asyncio.Protocol):
     is held back until the message after it is known.
     """
 
-    def __init__(self, result: asyncio.Future[bytearray]) -> None:
+    def __init__(self, result: asyncio.Future[bytearray], retry: bool) -> None:
         self.result = result
+        self.retry = retry
         self.received = bytearray()
         self.framer = MessageFramer(keep=b"ER", max_body=64 * 1024)
         self.transport: asyncio.Transport | None = None
@@ -95,7 +96,7 @@ class _FirstAnswer(asyncio.Protocol):
                 except ProtocolError:
                     fields = {}
                 sqlstate = fields.get("C")
-                if sqlstate in RETRYABLE_SQLSTATES:
+                if sqlstate in RETRYABLE_SQLSTATES and self.retry:
                     message = fields.get("M", "")
                     when = " after trust authentication" if self.auth_ok else ""
                     self.result.set_exception(ConnectFailed(
@@ -119,11 +120,13 @@ class _FirstAnswer(asyncio.Protocol):
 
 
 async def connect(address: Address, first_bytes: bytes, timeout: float,
-                  on_connected: Callable[[asyncio.Transport], None] | None = None) -> Answered:
+                  on_connected: Callable[[asyncio.Transport], None] | None = None,
+                  retry: bool = True) -> Answered:
     """Connect, send `first_bytes` (the startup packet and what followed), await the answer.
 
     `on_connected` sees the transport as soon as the TCP connection is up.
-    Raises ConnectFailed when the attempt may be retried later.
+    Raises ConnectFailed when the attempt may be retried later; with `retry`
+    false, only when the server cannot be reached (its refusals are answers).
     """
     loop = asyncio.get_running_loop()
     result: asyncio.Future[bytearray] = loop.create_future()
@@ -131,7 +134,7 @@ async def connect(address: Address, first_bytes: bytes, timeout: float,
     try:
         async with asyncio.timeout(timeout):
             transport, _ = await loop.create_connection(
-                lambda: _FirstAnswer(result), address.host, address.port)
+                lambda: _FirstAnswer(result, retry), address.host, address.port)
             if on_connected is not None:
                 on_connected(transport)
             transport.write(first_bytes)

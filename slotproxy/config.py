@@ -68,6 +68,17 @@ def dsn(value: Any) -> str:
     return value
 
 
+def off_or_seconds(value: Any) -> float:
+    """A timeout where 0 means off."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    try:
+        return seconds(value)
+    except ValueError as e:
+        off = str(e).replace("must be a positive number", "must be 0 (off) or a positive number")
+        raise ValueError(off) from None
+
+
 def seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number of seconds, got {_type_name(value)} ({value!r})")
@@ -148,6 +159,53 @@ class BackendConfig:
         return Address(self.host, self.port)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ClassMatch:
+    """Who belongs to a class: every field given must match (globs, CIDR); empty matches all."""
+
+    user: tuple[str, ...] = ()
+    database: tuple[str, ...] = ()
+    application_name: tuple[str, ...] = ()
+    address: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClassConfig:
+    name: str
+    match: ClassMatch = ClassMatch()
+    weight: float = 1.0
+    min_slots: int = 0
+    max_slots: int | None = None
+    max_queue: int = 1000
+    queue_timeout: float = 30.0
+    bypass: bool = False
+    implicit: bool = False  # the default class nobody configured: its keys are [admission]'s
+
+    def key(self, name: str) -> str:
+        """The configuration key behind this class's `name` setting, for messages."""
+        return f"admission.{name}" if self.implicit else f"admission.class.{self.name}.{name}"
+
+
+DEFAULT_CLASS = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """[databases.NAME]: where clients asking for database NAME ("*": any other) go."""
+
+    name: str
+    host: str
+    port: int
+    dbname: str = ""  # the database to ask the server for; empty: the name the client gave
+
+    @property
+    def address(self) -> Address:
+        return Address(self.host, self.port)
+
+
 @dataclass(frozen=True, slots=True)
 class AdmissionConfig:
     max_backend_slots: int | str = key(20, slots,
@@ -161,6 +219,12 @@ class AdmissionConfig:
                         "slots always left to everyone else (with a monitor)")
     max_connecting: int = key(8, integer(1),
                               "server connection startups in flight at once")
+    idle_timeout: float = key(0.0, off_or_seconds,
+                              "while clients wait, end sessions idle longer than this (0: off)")
+    idle_in_transaction_timeout: float = key(
+        0.0, off_or_seconds,
+        "while clients wait, end sessions idle in a transaction longer than this (0: off)")
+    classes: tuple[ClassConfig, ...] = field(default=(), metadata={"nested": "class"})
 
     @property
     def fixed_slots(self) -> int | None:
@@ -182,12 +246,36 @@ class Config:
     backend: BackendConfig = BackendConfig()
     admission: AdmissionConfig = AdmissionConfig()
     monitor: MonitorConfig = MonitorConfig()
+    databases: tuple[RouteConfig, ...] = ()
+    backend_given: bool = False  # [backend] or --backend was set, not only defaulted
     source: str = "built-in defaults"
+
+    @property
+    def fallback(self) -> Address | None:
+        """Where a database without its own [databases] entry goes (None: nowhere, 3D000)."""
+        for route in self.databases:
+            if route.name == "*":
+                return route.address
+        if not self.databases or self.backend_given:
+            return self.backend.address
+        return None
+
+    @property
+    def class_list(self) -> tuple[ClassConfig, ...]:
+        """The configured classes, then the default class that takes everyone else."""
+        configured = self.admission.classes
+        if any(c.name == DEFAULT_CLASS for c in configured):
+            return tuple(c for c in configured if c.name != DEFAULT_CLASS) + tuple(
+                c for c in configured if c.name == DEFAULT_CLASS)
+        return (*configured, ClassConfig(DEFAULT_CLASS, max_queue=self.admission.max_queue,
+                                         queue_timeout=self.admission.queue_timeout, implicit=True))
 
 
 SECTIONS: dict[str, type] = {
-    name: hint for name, hint in typing.get_type_hints(Config).items() if name != "source"
+    name: hint for name, hint in typing.get_type_hints(Config).items()
+    if name in ("proxy", "backend", "admission", "monitor")
 }
+KNOWN_SECTIONS = (*SECTIONS, "databases")
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +295,8 @@ def keys() -> Iterator[KeyInfo]:
     """Every configuration key, in table order (for docs and check-config)."""
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
+            if "nested" in f.metadata:
+                continue
             yield KeyInfo(section, f.name, f.default, f.metadata["reload"], f.metadata["doc"])
 
 
@@ -241,8 +331,8 @@ def load(path: str | None, overrides: Iterable[Override] = ()) -> Config:
 def from_mapping(data: Mapping[str, Any], source: str, overrides: Iterable[Override] = ()) -> Config:
     sections: dict[str, dict[str, Any]] = {}
     for name, table in data.items():
-        if name not in SECTIONS:
-            raise ConfigError(source, name, "unknown section" + _suggest(name, SECTIONS))
+        if name not in KNOWN_SECTIONS:
+            raise ConfigError(source, name, "unknown section" + _suggest(name, KNOWN_SECTIONS))
         if not isinstance(table, dict):
             raise ConfigError(source, name, f"expected a table [{name}], got {_type_name(table)}")
         sections[name] = {k: (source, v) for k, v in table.items()}
@@ -253,25 +343,151 @@ def from_mapping(data: Mapping[str, Any], source: str, overrides: Iterable[Overr
     built: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for name, cls in SECTIONS.items():
-        given = sections.get(name, {})
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        given = dict(sections.get(name, {}))
+        known = {f.name: f for f in dataclasses.fields(cls) if "nested" not in f.metadata}
+        nested = {f.metadata["nested"]: f.name for f in dataclasses.fields(cls) if "nested" in f.metadata}
         values: dict[str, Any] = {}
+        raw_nested = {keyname: given.pop(keyname) for keyname in list(given) if keyname in nested}
         for keyname, (origin, value) in given.items():
             f = known.get(keyname)
             if f is None:
                 raise ConfigError(origin, f"{name}.{keyname}",
-                                  "unknown key" + _suggest(keyname, known, prefix=f"{name}."))
+                                  "unknown key" + _suggest(keyname, [*known, *nested], prefix=f"{name}."))
             try:
                 values[keyname] = f.metadata["parse"](value)
             except ValueError as e:
                 raise ConfigError(origin, f"{name}.{keyname}", str(e)) from None
             origins[f"{name}.{keyname}"] = origin
         built[name] = cls(**values)
-    config = Config(**built, source=source)
+        if "class" in raw_nested:
+            origin, value = raw_nested["class"]
+            built[name] = dataclasses.replace(
+                built[name], classes=_parse_classes(value, origin, built[name]))
+    backend = built["backend"]
+    routes: tuple[RouteConfig, ...] = ()
+    if "databases" in sections:
+        routes = tuple(_parse_route(name, value, origin, backend)
+                       for name, (origin, value) in sections["databases"].items())
+    config = Config(**built, databases=routes, backend_given="backend" in sections, source=source)
     if config.admission.max_backend_slots == AUTO and not config.monitor.dsn:
         raise ConfigError(origins["admission.max_backend_slots"], "admission.max_backend_slots",
                           "\"auto\" needs a monitor to find the free slots: set [monitor] dsn")
     return config
+
+
+def _parse_route(name: str, table: Any, origin: str, backend: BackendConfig) -> RouteConfig:
+    where = f"databases.{name}" if name.isidentifier() else f'databases."{name}"'
+    if not isinstance(table, dict):
+        raise ConfigError(origin, where, f"expected a table, got {_type_name(table)}")
+    parsers = {"host": hostname, "port": port, "dbname": _dbname}
+    values: dict[str, Any] = {"host": backend.host, "port": backend.port}
+    for keyname, value in table.items():
+        parse = parsers.get(keyname)
+        if parse is None:
+            raise ConfigError(origin, f"{where}.{keyname}",
+                              "unknown key" + _suggest(keyname, parsers, prefix=f"{where}."))
+        try:
+            values[keyname] = parse(value)
+        except ValueError as e:
+            raise ConfigError(origin, f"{where}.{keyname}", str(e)) from None
+    return RouteConfig(name=name, **values)
+
+
+def _dbname(value: Any) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ValueError(f"expected a database name, got {value!r}")
+    return value
+
+
+_CLASS_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _parse_classes(value: Any, origin: str, admission: AdmissionConfig) -> tuple[ClassConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(origin, "admission.class",
+                          "expected [[admission.class]] entries (an array of tables)")
+    classes: list[ClassConfig] = []
+    for index, table in enumerate(value):
+        where = f"admission.class[{index}]"
+        if not isinstance(table, dict):
+            raise ConfigError(origin, where, f"expected a table, got {_type_name(table)}")
+        name = table.get("name")
+        if not isinstance(name, str) or not name or not set(name) <= _CLASS_NAME_CHARS:
+            raise ConfigError(origin, f"{where}.name",
+                              "expected a name of letters, digits, '_' or '-'")
+        where = f"admission.class.{name}"
+        if any(c.name == name for c in classes):
+            raise ConfigError(origin, where, "a second class with this name")
+        classes.append(_parse_class(table, name, where, origin, admission))
+    return tuple(classes)
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"expected a number, got {_type_name(value)} ({value!r})")
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return float(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_type_name(value)} ({value!r})")
+    return value
+
+
+def _parse_class(table: dict[str, Any], name: str, where: str, origin: str,
+                 admission: AdmissionConfig) -> ClassConfig:
+    parsers: dict[str, Callable[[Any], Any]] = {
+        "name": str, "match": _parse_match, "weight": _positive_number, "min_slots": integer(0),
+        "max_slots": integer(1), "max_queue": integer(0), "queue_timeout": seconds, "bypass": _boolean,
+    }
+    values: dict[str, Any] = {"max_queue": admission.max_queue,
+                              "queue_timeout": admission.queue_timeout}
+    for keyname, value in table.items():
+        parse = parsers.get(keyname)
+        if parse is None:
+            raise ConfigError(origin, f"{where}.{keyname}",
+                              "unknown key" + _suggest(keyname, parsers, prefix=f"{where}."))
+        try:
+            values[keyname] = parse(value)
+        except ValueError as e:
+            raise ConfigError(origin, f"{where}.{keyname}", str(e)) from None
+    cls = ClassConfig(**values)
+    if cls.max_slots is not None and cls.min_slots > cls.max_slots:
+        raise ConfigError(origin, f"{where}.min_slots",
+                          f"{cls.min_slots} is more than max_slots = {cls.max_slots}")
+    if name == DEFAULT_CLASS and "match" in table:
+        raise ConfigError(origin, f"{where}.match",
+                          "the default class takes everyone no other class matches: no match here")
+    if cls.bypass:
+        budget_keys = [k for k in ("weight", "min_slots", "max_slots", "max_queue", "queue_timeout")
+                       if k in table]
+        if budget_keys:
+            raise ConfigError(origin, f"{where}.{budget_keys[0]}",
+                              "a bypass class is never queued and takes nothing from the budget")
+    return cls
+
+
+def _parse_match(value: Any) -> ClassMatch:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table such as {{ user = \"web*\" }}, got {_type_name(value)}")
+    fields: dict[str, Any] = {}
+    for keyname, item in value.items():
+        if keyname not in ("user", "database", "application_name", "address"):
+            raise ValueError(f"unknown match key {keyname!r}: expected user, database, "
+                             "application_name or address")
+        items = item if isinstance(item, list) else [item]
+        if not items or not all(isinstance(x, str) and x for x in items):
+            raise ValueError(f"match.{keyname}: expected a string or a list of strings")
+        if keyname == "address":
+            try:
+                fields[keyname] = tuple(ipaddress.ip_network(x, strict=False) for x in items)
+            except ValueError as e:
+                raise ValueError(f"match.address: {e}") from None
+        else:
+            fields[keyname] = tuple(items)
+    return ClassMatch(**fields)
 
 
 def _suggest(word: str, choices: Iterable[str], prefix: str = "") -> str:

@@ -23,6 +23,8 @@ class Reason(enum.Enum):
     SERVER_UNREACHABLE = "server_unreachable"
     SHUTDOWN = "shutdown"
     PROTOCOL_ERROR = "protocol_error"
+    NO_ROUTE = "no_route"
+    RECLAIMED = "reclaimed"  # ended while idle to free a slot for waiting clients
     STARTUP_TIMEOUT = "startup_timeout"
     INTERNAL_ERROR = "internal_error"
     # Ends without an answer of ours.

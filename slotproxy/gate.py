@@ -38,7 +38,7 @@ class Gate:
             raise shutdown_error()
         decision = self.admission.arrive(ticket, self._now())
         if decision is Decision.QUEUE_FULL:
-            raise self._queue_full()
+            raise self._queue_full(ticket.lane)
         return decision is Decision.ADMITTED
 
     async def wait(self, ticket: Ticket) -> None:
@@ -90,16 +90,17 @@ class Gate:
             if ticket.waker is not None and not ticket.waker.done():
                 ticket.waker.set_exception(error)
 
-    def _queue_full(self) -> ClientError:
-        limit = self.admission.limits.max_queue
+    def _queue_full(self, lane_name: str) -> ClientError:
+        lane = self.admission.lanes[lane_name]
+        key = lane.config.key("max_queue")
+        limit = lane.config.max_queue
+        of_class = "" if lane.config.implicit else f" of class {lane.config.name}"
         if limit == 0:
-            message = ("slotproxy: every server slot is in use and nobody may wait "
-                       "(admission.max_queue = 0)")
+            message = f"slotproxy: every server slot is in use and nobody may wait ({key} = 0)"
         else:
-            message = (f"slotproxy queue full: {self.admission.waiting} clients already waiting "
-                       f"for a server slot (admission.max_queue = {limit})")
-        return ClientError(Reason.QUEUE_FULL, "53300", message,
-                           hint="Retry later, or raise admission.max_queue.")
+            message = (f"slotproxy queue full: {lane.waiting} clients{of_class} already waiting "
+                       f"for a server slot ({key} = {limit})")
+        return ClientError(Reason.QUEUE_FULL, "53300", message, hint=f"Retry later, or raise {key}.")
 
     @staticmethod
     def _now() -> float:

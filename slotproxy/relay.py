@@ -145,6 +145,10 @@ class Relay:
         if not self._server_left and not self._client_left:
             self.server.write(data)
 
+    def close_client(self) -> None:
+        """Close the client's side (after what is buffered); the server's follows as usual."""
+        self.client.close()
+
     def close(self) -> None:
         """Close both sides now (shutdown timeout)."""
         self.client.abort()

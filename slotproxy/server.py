@@ -13,13 +13,13 @@ import socket
 from collections.abc import Coroutine
 from typing import Any
 
-from . import capacity
-from .admission import Admission, Limits
-from .capacity import ServerView, Snapshot
+from .capacity import Snapshot
 from .config import Address, Config
 from .gate import Gate
-from .monitor import Monitor, OwnSessions
+from .monitor import Monitor
+from .routing import Router
 from .session import Handshake, Phase, Session
+from .upstream import Upstream, monitor_dsn
 
 logger = logging.getLogger("slotproxy.server")
 
@@ -51,16 +51,14 @@ LISTEN_BACKLOG = 4096  # bursts of clients arrive at once; the kernel caps it at
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
-        fixed = config.admission.fixed_slots
-        # Until the monitor's first poll, or without a monitor, the fixed cap holds.
-        self.capacity = (capacity.blind(fixed, None, "no poll yet") if config.monitor.dsn
-                         else Snapshot(capacity=fixed, blind=False))
-        self.gate = Gate(Admission(self._limits(self.capacity)))
-        self.monitor: Monitor | None = None
-        self._monitor_sees: bool | None = None  # None until the first poll
-        if config.monitor.dsn:
-            self.monitor = Monitor(config.monitor.dsn, config.monitor.interval,
-                                   config.backend.connect_timeout, self._own_sessions, self._on_view)
+        self.router = Router(config)
+        primary = config.backend.address
+        self.upstreams: dict[Address, Upstream] = {
+            address: Upstream(config, address,
+                              monitor_dsn(config.monitor.dsn, address, primary) if config.monitor.dsn
+                              else None)
+            for address in self.router.servers
+        }
         self.sessions: set[Session] = set()
         self.cancel_keys: dict[tuple[int, bytes], Session] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -76,16 +74,15 @@ class Proxy:
         loop = asyncio.get_running_loop()
         self._all_closed = asyncio.Event()
         self._all_closed.set()
-        if self.monitor is not None:
-            await self.monitor.start()
+        for upstream in self.upstreams.values():
+            await upstream.start()
         listen = self.config.proxy.listen
         server = await loop.create_server(
             lambda: Handshake(self), listen.host, listen.port,
             backlog=LISTEN_BACKLOG, reuse_address=True)
         self._listeners.append(server)
-        logger.info("listening on %s; server %s; %s; at most %d waiting",
-                    ", ".join(str(a) for a in self.addresses), self.config.backend.address,
-                    self.capacity.describe(), self.config.admission.max_queue)
+        servers = "; ".join(f"server {u.address}: {u.capacity.describe()}" for u in self.upstreams.values())
+        logger.info("listening on %s; %s", ", ".join(str(a) for a in self.addresses), servers)
 
     @property
     def addresses(self) -> list[Address]:
@@ -103,8 +100,9 @@ class Proxy:
             return
         self.stopping = True
         self._stop_listening()
-        waiting = self.gate.admission.waiting
-        self.gate.close()
+        waiting = sum(u.gate.admission.waiting for u in self.upstreams.values())
+        for upstream in self.upstreams.values():
+            upstream.gate.close()
         live = sum(1 for s in self.sessions if s.phase in (Phase.CONNECTING, Phase.RELAYING))
         timeout = self.config.proxy.shutdown_timeout
         logger.info("shutting down: %d waiting clients refused; %d sessions may finish "
@@ -122,7 +120,8 @@ class Proxy:
         """Close everything now."""
         self.stopping = True
         self._stop_listening()
-        self.gate.close()
+        for upstream in self.upstreams.values():
+            upstream.gate.close()
         for session in list(self.sessions):
             session.stop()
         if self._all_closed is not None:
@@ -130,8 +129,8 @@ class Proxy:
         await self._finish()
 
     async def _finish(self) -> None:
-        if self.monitor is not None:
-            await self.monitor.stop()
+        for upstream in self.upstreams.values():
+            await upstream.stop()
         await self._drain_tasks()
 
     def _stop_listening(self) -> None:
@@ -164,52 +163,23 @@ class Proxy:
         if not self.sessions and self._all_closed is not None:
             self._all_closed.set()
 
-    # -- capacity --------------------------------------------------------------------
+    # -- the first server: the only one unless [databases] routes to others ----------
 
-    def _limits(self, snapshot: Snapshot) -> Limits:
-        cfg = self.config.admission
-        return Limits(
-            max_slots=snapshot.capacity,
-            max_queue=cfg.max_queue,
-            max_connecting=cfg.max_connecting,
-            # Other proxies cannot see our newest sessions until they poll: keep those few.
-            max_unseen=cfg.max_connecting if snapshot.peers > 1 else None,
-        )
+    @property
+    def primary(self) -> Upstream:
+        return next(iter(self.upstreams.values()))
 
-    def _own_sessions(self) -> OwnSessions:
-        by_pid: dict[int, Any] = {}
-        by_endpoint: dict[tuple[str, int], Any] = {}
-        for ticket in self.gate.admission.holders:
-            session: Session = ticket.info
-            if session.backend_key is not None:
-                by_pid[session.backend_key[0]] = ticket
-            if session.backend_endpoint is not None:
-                by_endpoint[session.backend_endpoint] = ticket
-        return OwnSessions(by_pid, by_endpoint)
+    @property
+    def gate(self) -> Gate:
+        return self.primary.gate
 
-    def _on_view(self, view: ServerView | None, seen: set[Any], why: str) -> None:
-        fixed = self.config.admission.fixed_slots
-        previous = self.capacity
-        sees = view is not None
-        if view is None:
-            snapshot = capacity.blind(fixed, previous, why)
-        else:
-            snapshot = capacity.from_view(view, fixed, self.config.admission.headroom)
-        if sees != self._monitor_sees:  # log the change once, not every poll
-            if not sees:
-                logger.warning("monitor blind (%s): admitting by %s", why, snapshot.describe())
-            elif self._monitor_sees is False:
-                logger.info("monitor sees the server again: %s", snapshot.describe())
-            else:
-                logger.info("monitor: %s", snapshot.describe())
-            self._monitor_sees = sees
-        elif sees and not snapshot.same_as(previous):
-            logger.info("%s", snapshot.describe())
-        self.capacity = snapshot
-        if view is None:
-            self.gate.update(self._limits(snapshot), viewing=False)
-        else:
-            self.gate.update(self._limits(snapshot), seen=seen, viewing=True)
+    @property
+    def capacity(self) -> Snapshot:
+        return self.primary.capacity
+
+    @property
+    def monitor(self) -> Monitor | None:
+        return self.primary.monitor
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a helper task the proxy keeps referenced until it ends."""

@@ -24,9 +24,13 @@ from .admission import State, Ticket
 from .errors import ClientError, ProtocolError, Reason
 from .monitor import normalize_host
 from .relay import Relay
+from .routing import classify
 
 if TYPE_CHECKING:
+    from .config import Address, ClassConfig
+    from .gate import Gate
     from .server import Proxy
+    from .upstream import Upstream
 
 logger = logging.getLogger("slotproxy.session")
 
@@ -34,6 +38,8 @@ logger = logging.getLogger("slotproxy.session")
 EARLY_BYTES_LIMIT = 64 * 1024
 # How long a closed session waits for the client to take what is still buffered.
 CLIENT_FLUSH_TIMEOUT = 10.0
+TERMINATE = b"X\x00\x00\x00\x04"
+_FALSE = frozenset({"false", "off", "no", "0"})
 
 
 class Phase(enum.Enum):
@@ -119,7 +125,12 @@ class Session:
         self.client_port: int = peer[1]
         self.startup: wire.StartupMessage | None = None
         self.ticket = Ticket(info=self)
-        self.backend_address = proxy.config.backend.address
+        self.upstream: Upstream | None = None  # the server its database routes to
+        self.backend_address: Address | None = None
+        self.packet = b""  # the startup packet for the server (the database maybe renamed)
+        self.cls: ClassConfig | None = None
+        self.bypass = False
+        self.reclaiming = False
         self.backend_key: tuple[int, bytes] | None = None
         self.backend_endpoint: tuple[str, int] | None = None  # our end of the server connection
         self._connecting: asyncio.Transport | None = None  # the server connection before relaying
@@ -235,16 +246,54 @@ class Session:
             self._finish(Reason.TLS_UNSUPPORTED)
             return
         self.startup = event
-        answered, sent = await self._admit()
+        route = self.proxy.router.resolve(event.database)
+        if route is None:
+            raise ClientError(Reason.NO_ROUTE, "3D000",
+                              f'slotproxy has no route for database "{event.database}"',
+                              hint='Add [databases.NAME] for it, or a "*" entry.')
+        self.upstream = self.proxy.upstreams[route.server]
+        self.backend_address = route.server
+        self.packet = event.raw if route.dbname == event.database else wire.encode_startup(
+            {**event.params, "database": route.dbname}, event.major, event.minor)
+        self.cls = classify(self.proxy.config.class_list, event.user, event.database,
+                            event.application_name, self.client_addr)
+        self.ticket.lane = self.cls.name
+        # Replication connections use wal sender slots, not max_connections.
+        replication = event.params.get("replication", "false").lower() not in _FALSE
+        if self.cls.bypass or replication:
+            self.bypass = True
+            answered, sent = await self._connect_directly(
+                "replication" if replication else f"class {self.cls.name}")
+        else:
+            answered, sent = await self._admit()
         await self._relay(answered, sent)
+
+    async def _connect_directly(self, why: str) -> tuple[backend.Answered, int]:
+        """A bypass lane: no queue, no retries; whatever the server says reaches the client."""
+        self.phase = Phase.CONNECTING
+        sent = len(self.handshake.early)
+        started = asyncio.get_running_loop().time()
+        try:
+            answered = await backend.connect(
+                self.backend_address, self.packet + self.handshake.early,  # type: ignore[arg-type]
+                self.proxy.config.backend.connect_timeout, self._connected, retry=False)
+        except backend.ConnectFailed as e:
+            raise ClientError(
+                Reason.SERVER_UNREACHABLE, "08006",
+                f"slotproxy could not reach the server at {self.backend_address}: {e.what}") from None
+        self._decided(f"admitted without queueing ({why})",
+                      asyncio.get_running_loop().time() - started, 0)
+        return answered, sent
 
     async def _admit(self) -> tuple[backend.Answered, int]:
         """Wait for a slot and connect; retry refusals until the queue deadline."""
         loop = asyncio.get_running_loop()
         config = self.proxy.config
-        gate = self.proxy.gate
+        upstream = self.upstream
+        assert upstream is not None and self.cls is not None
+        gate = upstream.gate
         started = loop.time()
-        deadline = started + config.admission.queue_timeout
+        deadline = started + self.cls.queue_timeout
         failure: backend.ConnectFailed | None = None
         attempts = 0
         try:
@@ -252,15 +301,16 @@ class Session:
                 while True:
                     self.phase = Phase.QUEUED
                     if self.ticket.state is State.NEW and not gate.enter(self.ticket):
-                        self.log.debug("queued: %d waiting, %d of %d slots in use",
-                                       gate.admission.waiting, len(gate.admission.holders),
-                                       gate.admission.limits.max_slots)
+                        self.log.debug("queued (class %s): %d waiting, %d of %s slots in use",
+                                       self.cls.name, gate.admission.waiting,
+                                       len(gate.admission.holders), gate.admission.limits.max_slots)
+                        upstream.client_waiting()
                     await gate.wait(self.ticket)
                     self.phase = Phase.CONNECTING
                     sent = len(self.handshake.early)
                     try:
                         answered = await backend.connect(
-                            self.backend_address, self.startup.raw + self.handshake.early,
+                            upstream.address, self.packet + self.handshake.early,
                             config.backend.connect_timeout, self._connected)
                     except backend.ConnectFailed as e:
                         failure = e
@@ -294,17 +344,18 @@ class Session:
 
     def _deadline_error(self, waited: float, failure: backend.ConnectFailed | None,
                         attempts: int) -> ClientError:
-        limit = self.proxy.config.admission.queue_timeout
-        bound = f"admission.queue_timeout = {limit:g} s"
+        assert self.cls is not None and self.upstream is not None
+        key = self.cls.key("queue_timeout")
+        bound = f"{key} = {self.cls.queue_timeout:g} s"
+        admission = self.upstream.gate.admission
         if failure is None:
             return ClientError(
                 Reason.QUEUE_TIMEOUT, "53300",
                 f"slotproxy: no server slot came free within {waited:.1f} s ({bound})",
-                detail=f"{self.proxy.gate.admission.waiting} other clients are waiting; "
-                       f"{len(self.proxy.gate.admission.holders)} of "
-                       f"{self.proxy.gate.admission.limits.max_slots} slots are in use "
+                detail=f"{admission.waiting} other clients are waiting; "
+                       f"{len(admission.holders)} of {admission.limits.max_slots} slots are in use "
                        "(admission.max_backend_slots).",
-                hint="Retry later, or raise admission.queue_timeout.")
+                hint=f"Retry later, or raise {key}.")
         retried = f"slotproxy retried {attempts} times over {waited:.1f} s ({bound})."
         if failure.unreachable:
             return ClientError(
@@ -338,7 +389,8 @@ class Session:
 
         started = asyncio.get_running_loop().time()
         await relay.server_closed
-        self.proxy.gate.release(self.ticket)
+        if self.ticket.state is State.HOLDING:
+            self.upstream.gate.release(self.ticket)  # type: ignore[union-attr]
         self.reason = Reason.SESSION_ENDED
         self.log.info("session ended after %.3f s", asyncio.get_running_loop().time() - started)
         try:
@@ -359,7 +411,7 @@ class Session:
             if fields.get("C") == "53300":
                 # After an authentication exchange the proxy could not repeat for the
                 # client, so it reached the client: headroom is too small.
-                self.proxy.gate.post_auth_refusals += 1
+                self.upstream.gate.post_auth_refusals += 1  # type: ignore[union-attr]
                 self.log.warning(
                     "the server refused this client after authentication (53300: %s); it "
                     "cannot be retried for a password login: raise admission.headroom "
@@ -375,6 +427,28 @@ class Session:
             return self.tracker.state
         return self.phase.value
 
+    def reclaim(self, idle_for: float, limit: float, waiting: int) -> None:
+        """End this idle session so that a waiting client gets its slot.
+
+        It is idle: both streams are between messages, so an ErrorResponse to the
+        client and a Terminate to the server are well formed. The slot comes back
+        when the server closes, as for any session.
+        """
+        assert self.relay is not None and self.tracker is not None
+        self.reclaiming = True
+        if self.tracker.state == wire.IDLE:
+            sqlstate, key, what = "57P05", "admission.idle_timeout", "idle session"
+        else:
+            sqlstate, key, what = "25P03", "admission.idle_in_transaction_timeout", \
+                "idle-in-transaction session"
+        self.reason = Reason.RECLAIMED
+        self.log.info("%s ended after %.1f s idle to free a slot for %d waiting clients (%s = %g)",
+                      what, idle_for, waiting, key, limit)
+        self.relay.to_client(wire.error_response(
+            sqlstate, f"{what} ended to free a slot for waiting clients ({key}={limit:g})"))
+        self.relay.to_server(TERMINATE)
+        self.relay.close_client()
+
     def _client_left_session(self) -> None:
         """The client went away while its server session is open."""
         if self.backend_key is None or self.state != wire.ACTIVE:
@@ -383,12 +457,12 @@ class Session:
         # noticing, holding the slot. Cancel it so the slot frees sooner.
         pid, key = self.backend_key
         self.log.info("client left mid-request; cancelling backend pid %d to free its slot", pid)
-        self.proxy.spawn(self._send_cancel(wire.encode_cancel(pid, key)))
+        self.proxy.spawn(self._send_cancel(
+            self.backend_address, wire.encode_cancel(pid, key)))  # type: ignore[arg-type]
 
-    async def _send_cancel(self, packet: bytes) -> None:
+    async def _send_cancel(self, address: Address, packet: bytes) -> None:
         try:
-            await backend.send_cancel(self.backend_address, packet,
-                                      self.proxy.config.backend.connect_timeout)
+            await backend.send_cancel(address, packet, self.proxy.config.backend.connect_timeout)
         except (OSError, TimeoutError) as e:
             self.log.warning("could not deliver cancel request: %s", e)
 
@@ -405,7 +479,8 @@ class Session:
                       target.prefix())
         # Delivered even if the sender hangs up at once (some drivers do); the
         # sender learns it was delivered when we close, as from the server.
-        await asyncio.shield(self.proxy.spawn(self._send_cancel(request.raw)))
+        await asyncio.shield(self.proxy.spawn(
+            self._send_cancel(target.backend_address, request.raw)))  # type: ignore[arg-type]
 
     # -- endings -------------------------------------------------------------------------
 
@@ -426,14 +501,15 @@ class Session:
     def _cleanup(self) -> None:
         self.phase = Phase.CLOSED
         if self.ticket.state is State.HOLDING:
+            gate = self.upstream.gate  # type: ignore[union-attr]
             connecting = self._connecting
             if connecting is not None and not connecting.is_closing():
                 # Left while the server was starting its backend: that backend may
                 # hold a slot until it sees our EOF and exits.
                 self.proxy.spawn(_release_when_closed(
-                    self.proxy, self.ticket, connecting, self.proxy.config.backend.connect_timeout))
+                    gate, self.ticket, connecting, self.proxy.config.backend.connect_timeout))
             else:
-                self.proxy.gate.release(self.ticket)
+                gate.release(self.ticket)
         if self.backend_key is not None and self.proxy.cancel_keys.get(self.backend_key) is self:
             del self.proxy.cancel_keys[self.backend_key]
         if self.relay is not None:
@@ -443,7 +519,7 @@ class Session:
             self.transport.close()
 
 
-async def _release_when_closed(proxy: Proxy, ticket: Ticket, transport: asyncio.Transport,
+async def _release_when_closed(gate: Gate, ticket: Ticket, transport: asyncio.Transport,
                                timeout: float) -> None:
     closed: asyncio.Future[None] = transport.get_protocol().closed  # type: ignore[attr-defined]
     try:
@@ -453,7 +529,7 @@ async def _release_when_closed(proxy: Proxy, ticket: Ticket, transport: asyncio.
         transport.abort()
     finally:
         if ticket.state is State.HOLDING:
-            proxy.gate.release(ticket)
+            gate.release(ticket)
 
 
 class _Prefixed(logging.LoggerAdapter):

@@ -21,7 +21,8 @@ host all all   127.0.0.1/32 trust
 host all all   ::1/128      trust
 """
 ALICE_PASSWORD = "wonderland"
-ROLES_SQL = f"create role app login; create role alice login password '{ALICE_PASSWORD}';"
+ROLES_SQL = (f"create role app login; create role alice login password '{ALICE_PASSWORD}'; "
+             "create role repl login replication;")
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
@@ -64,11 +65,11 @@ ProxyFactory = Callable[..., "asyncio.Future[Proxy]"]
 async def proxy_factory() -> AsyncIterator[Callable[..., Any]]:
     started: list[Proxy] = []
 
-    async def make(cluster: Cluster, **sections: dict[str, Any]) -> Proxy:
-        data: dict[str, dict[str, Any]] = {
-            "proxy": {"listen": "127.0.0.1:0"},
-            "backend": {"host": cluster.host, "port": cluster.port},
-        }
+    async def make(cluster: Cluster | None, **sections: dict[str, Any]) -> Proxy:
+        """A started proxy; with no cluster there is no [backend] (routes only)."""
+        data: dict[str, dict[str, Any]] = {"proxy": {"listen": "127.0.0.1:0"}}
+        if cluster is not None:
+            data["backend"] = {"host": cluster.host, "port": cluster.port}
         for name, values in sections.items():
             data.setdefault(name, {}).update(values)
         proxy = Proxy(config.from_mapping(data, "test"))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from slotproxy.admission import Admission, Backoff, Decision, Limits, State, Ticket
+from slotproxy.config import ClassConfig
 
 
 def make(slots: int | None = 2, queue: int = 10, connecting: int = 100,
          unseen: int | None = None) -> Admission:
     return Admission(Limits(max_slots=slots, max_queue=queue, max_connecting=connecting,
-                            max_unseen=unseen), Backoff(first=1.0, cap=4.0))
+                            max_unseen=unseen), backoff=Backoff(first=1.0, cap=4.0))
 
 
 def arrive(adm: Admission, n: int, now: float = 0.0) -> list[Ticket]:
@@ -169,3 +170,79 @@ def test_losing_the_view_turns_the_block_into_a_backoff() -> None:
     adm.update(adm.limits, 3.0, viewing=False)
     assert adm.blocked_until == 4.0  # the first backoff step from now
     assert adm.unblock(4.0) == [a]
+
+
+# -- classes: lanes sharing one server ------------------------------------------------------
+
+
+def lanes(slots: int, *classes: ClassConfig) -> Admission:
+    return Admission(Limits(max_slots=slots, max_queue=100, max_connecting=100), classes)
+
+
+def flood(adm: Admission, lane: str, n: int) -> list[Ticket]:
+    tickets = [Ticket(lane=lane) for _ in range(n)]
+    for t in tickets:
+        adm.arrive(t, 0.0)
+    return tickets
+
+
+def held(adm: Admission) -> dict[str, int]:
+    return {name: len(lane.holders) for name, lane in adm.lanes.items()}
+
+
+def churn(adm: Admission, rounds: int) -> dict[str, float]:
+    """Release the oldest holder again and again; the average slots each lane held."""
+    totals = dict.fromkeys(adm.lanes, 0)
+    for i in range(rounds):
+        oldest = min(adm.holders, key=lambda t: t.admitted_at)
+        adm.release(oldest, float(i + 1))
+        for t in list(adm.holders):
+            adm.answered(t, float(i + 1))
+        flood(adm, oldest.lane, 1)  # a flooding lane never runs dry
+        for name, n in held(adm).items():
+            totals[name] += n
+    return {name: total / rounds for name, total in totals.items()}
+
+
+def test_weights_share_the_slots() -> None:
+    adm = lanes(6, ClassConfig("web", weight=3), ClassConfig("cron", weight=1), ClassConfig("default"))
+    flood(adm, "cron", 20)
+    flood(adm, "web", 20)
+    shares = churn(adm, 300)
+    assert abs(shares["web"] - 4.5) <= 1 and abs(shares["cron"] - 1.5) <= 1, shares
+
+
+def test_min_slots_come_first_while_the_class_waits() -> None:
+    adm = lanes(6, ClassConfig("batch", weight=100), ClassConfig("ops", min_slots=2), ClassConfig("default"))
+    flood(adm, "batch", 6)  # takes everything while ops has nobody waiting
+    assert held(adm)["batch"] == 6
+    flood(adm, "ops", 3)
+    shares = churn(adm, 50)
+    assert shares["ops"] >= 1.9, shares  # back to two as soon as batch's slots turn over
+
+
+def test_max_slots_caps_a_class_and_others_use_the_rest() -> None:
+    adm = lanes(4, ClassConfig("cron", max_slots=1), ClassConfig("default"))
+    flood(adm, "cron", 5)
+    assert held(adm) == {"cron": 1, "default": 0}
+    [web] = flood(adm, "default", 1)
+    assert web.state is State.HOLDING, "a capped class does not hold up the others"
+
+
+def test_each_class_has_its_own_queue_limit() -> None:
+    adm = lanes(1, ClassConfig("cron", max_queue=1), ClassConfig("default"))
+    flood(adm, "default", 1)  # takes the slot
+    assert adm.arrive(Ticket(lane="cron"), 0.0) is Decision.QUEUED
+    assert adm.arrive(Ticket(lane="cron"), 0.0) is Decision.QUEUE_FULL
+    assert adm.arrive(Ticket(lane="default"), 0.0) is Decision.QUEUED
+
+
+def test_fifo_within_a_class_and_ties_go_to_the_oldest_waiter() -> None:
+    adm = lanes(1, ClassConfig("a"), ClassConfig("default"))
+    [holder] = flood(adm, "a", 1)
+    first_b, first_a, second_a = Ticket(lane="default"), Ticket(lane="a"), Ticket(lane="a")
+    for t in (first_b, first_a, second_a):
+        adm.arrive(t, 0.0)
+    assert adm.release(holder, 1.0) == [first_b]  # 0/1 for both lanes: the oldest waiter wins
+    assert adm.release(first_b, 2.0) == [first_a]
+    assert list(adm.waiters()) == [second_a]

@@ -163,7 +163,7 @@ async def test_sigterm_refuses_waiters_with_57P01_and_lets_sessions_finish(
                           config="[proxy]\nshutdown_timeout = 30\n")
     live = [await p.connect() for _ in range(2)]
     waiting = [asyncio.create_task(p.connect()) for _ in range(3)]
-    await wait_until(lambda: p.log().count("queued:") == 3, "three clients queued")
+    await wait_until(lambda: p.log().count(" queued (class default)") == 3, "three clients queued")
 
     p.proc.send_signal(signal.SIGTERM)
     for task in waiting:

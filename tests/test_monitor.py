@@ -152,13 +152,15 @@ async def test_a_blind_monitor_falls_back_to_the_fixed_cap_and_recovers(
                                 admission={"max_backend_slots": 2})
     assert proxy.capacity.blind and proxy.capacity.capacity == 2
     # The server does not tell a missing role from a wrong password.
-    assert 'monitor blind (28P01: password authentication failed for user "slotmon")' in caplog.text
+    assert (f'monitor of 127.0.0.1:{pg.port} blind (28P01: password authentication failed '
+            'for user "slotmon")') in caplog.text
     assert "admitting by capacity 2 (monitor blind" in caplog.text
 
     conns = [await asyncpg.connect(**at(proxy), user="app", database="postgres") for _ in range(2)]
     third = asyncio.create_task(asyncpg.connect(**at(proxy), user="app", database="postgres"))
     await wait_until(lambda: proxy.gate.admission.waiting == 1, "the fixed cap holding the third")
-    blind_lines = [r for r in caplog.records if r.getMessage().startswith("monitor blind")]
+    blind_lines = [r for r in caplog.records if " blind (" in r.getMessage()
+                   and r.getMessage().startswith("monitor of")]
     assert len(blind_lines) == 1, "the change is logged once, not at every retry"
 
     if problem == "role missing":
@@ -166,7 +168,7 @@ async def test_a_blind_monitor_falls_back_to_the_fixed_cap_and_recovers(
     else:
         pg.psql("alter role slotmon password 's3cret'")
     await wait_until(lambda: not proxy.capacity.blind, "the monitor to see the server again", timeout=15)
-    assert "monitor sees the server again" in caplog.text
+    assert f"monitor of 127.0.0.1:{pg.port} sees the server again" in caplog.text
     assert proxy.capacity.capacity == 2  # min(the fixed cap, what the server has free)
     for conn in conns:
         await conn.close()

@@ -1,0 +1,158 @@
+"""One PostgreSQL server the proxy sends clients to: its budget and queue, its
+monitor and capacity, and the reclaiming of idle sessions while clients wait."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from . import capacity, wire
+from .admission import Admission, Limits
+from .capacity import ServerView, Snapshot
+from .config import Address, Config
+from .gate import Gate
+from .monitor import Monitor, OwnSessions
+
+if TYPE_CHECKING:
+    from .session import Session
+
+logger = logging.getLogger("slotproxy.upstream")
+
+
+def monitor_dsn(dsn: str, address: Address, primary: Address) -> str:
+    """The monitor's DSN for `address`: as configured for the primary server, else
+    the same role and database at this server's host and port."""
+    if address == primary:
+        return dsn
+    parts = urlsplit(dsn)
+    userinfo = parts.netloc.rpartition("@")[0]
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    netloc = f"{userinfo}@{host}:{address.port}" if userinfo else f"{host}:{address.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Upstream:
+    def __init__(self, config: Config, address: Address, monitor_dsn: str | None) -> None:
+        self.config = config
+        self.address = address
+        fixed = config.admission.fixed_slots
+        # Until the monitor's first poll, or without a monitor, the fixed cap holds.
+        self.capacity = (capacity.blind(fixed, None, "no poll yet") if monitor_dsn
+                         else Snapshot(capacity=fixed, blind=False))
+        self.gate = Gate(Admission(self._limits(self.capacity), config.class_list))
+        self.monitor: Monitor | None = None
+        self._monitor_sees: bool | None = None  # None until the first poll
+        if monitor_dsn:
+            self.monitor = Monitor(monitor_dsn, config.monitor.interval,
+                                   config.backend.connect_timeout, self._own_sessions, self._on_view)
+        self.reclaimed = 0
+        self._reaper: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.start()
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self.monitor is not None:
+            await self.monitor.stop()
+
+    # -- capacity --------------------------------------------------------------------
+
+    def _limits(self, snapshot: Snapshot) -> Limits:
+        cfg = self.config.admission
+        return Limits(
+            max_slots=snapshot.capacity,
+            max_queue=cfg.max_queue,
+            max_connecting=cfg.max_connecting,
+            # Other proxies cannot see our newest sessions until they poll: keep those few.
+            max_unseen=cfg.max_connecting if snapshot.peers > 1 else None,
+        )
+
+    def _own_sessions(self) -> OwnSessions:
+        by_pid: dict[int, Any] = {}
+        by_endpoint: dict[tuple[str, int], Any] = {}
+        for ticket in self.gate.admission.holders:
+            session: Session = ticket.info
+            if session.backend_key is not None:
+                by_pid[session.backend_key[0]] = ticket
+            if session.backend_endpoint is not None:
+                by_endpoint[session.backend_endpoint] = ticket
+        return OwnSessions(by_pid, by_endpoint)
+
+    def _on_view(self, view: ServerView | None, seen: set[Any], why: str) -> None:
+        fixed = self.config.admission.fixed_slots
+        previous = self.capacity
+        sees = view is not None
+        if view is None:
+            snapshot = capacity.blind(fixed, previous, why)
+        else:
+            snapshot = capacity.from_view(view, fixed, self.config.admission.headroom)
+        if sees != self._monitor_sees:  # log the change once, not every poll
+            if not sees:
+                logger.warning("monitor of %s blind (%s): admitting by %s",
+                               self.address, why, snapshot.describe())
+            elif self._monitor_sees is False:
+                logger.info("monitor of %s sees the server again: %s", self.address, snapshot.describe())
+            else:
+                logger.info("monitor of %s: %s", self.address, snapshot.describe())
+            self._monitor_sees = sees
+        elif sees and not snapshot.same_as(previous):
+            logger.info("%s %s", self.address, snapshot.describe())
+        self.capacity = snapshot
+        if view is None:
+            self.gate.update(self._limits(snapshot), viewing=False)
+        else:
+            self.gate.update(self._limits(snapshot), seen=seen, viewing=True)
+
+    # -- reclaiming idle sessions while clients wait ---------------------------------
+
+    def client_waiting(self) -> None:
+        """A client started waiting for this server: look for idle sessions to end."""
+        cfg = self.config.admission
+        if self._reaper is None and (cfg.idle_timeout or cfg.idle_in_transaction_timeout):
+            self._reaper = asyncio.get_running_loop().call_soon(self._reclaim)
+
+    def _reclaim(self) -> None:
+        """End the sessions idle too long, oldest idle first, one per waiting client."""
+        self._reaper = None
+        admission = self.gate.admission
+        waiting = admission.waiting
+        if not waiting:
+            return
+        cfg = self.config.admission
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # A session that turns idle later is due no sooner than this.
+        next_check = now + min(t for t in (cfg.idle_timeout, cfg.idle_in_transaction_timeout) if t)
+        due: list[tuple[float, Session, float]] = []
+        ending = 0
+        for ticket in admission.holders:
+            session: Session = ticket.info
+            if session.reclaiming:
+                ending += 1
+                continue
+            tracker = session.tracker
+            if tracker is None:
+                continue
+            state = tracker.state
+            if state == wire.IDLE:
+                limit = cfg.idle_timeout
+            elif state in (wire.IDLE_IN_TRANSACTION, wire.IDLE_IN_FAILED_TRANSACTION):
+                limit = cfg.idle_in_transaction_timeout
+            else:
+                continue  # active, or still starting: never ended
+            if not limit:
+                continue
+            if tracker.since + limit <= now:
+                due.append((tracker.since, session, limit))
+            else:
+                next_check = min(next_check, tracker.since + limit)
+        due.sort(key=lambda item: item[0])
+        for since, session, limit in due[:max(0, waiting - ending)]:
+            session.reclaim(now - since, limit, waiting)
+            self.reclaimed += 1
+        self._reaper = loop.call_at(next_check, self._reclaim)
