@@ -152,6 +152,7 @@ class Admission:
         self.probe: Ticket | None = None
         self.viewing = False  # a monitor sees the server: refusals wait for its next poll
         self.peak_connecting = 0
+        self.paused = False  # PAUSE: admit nobody; waiters keep their places and deadlines
 
     def set_classes(self, classes: Sequence[ClassConfig]) -> None:
         """One lane per class; a lane keeps its tickets when its class stays."""
@@ -264,6 +265,13 @@ class Admission:
                 self.blocked_until = None
         return self._fill(now)
 
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self, now: float) -> list[Ticket]:
+        self.paused = False
+        return self._fill(now)
+
     def drain(self) -> list[Ticket]:
         """Remove every waiter (shutdown); returns them oldest first."""
         gone = list(self.waiters())
@@ -281,7 +289,7 @@ class Admission:
         return ((limits.max_slots is None or len(self.holders) < limits.max_slots)
                 and len(self.connecting) < limits.max_connecting
                 and (limits.max_unseen is None or len(self.unseen) < limits.max_unseen)
-                and not self.blocked)
+                and not self.blocked and not self.paused)
 
     def _pick(self) -> Lane | None:
         """The lane a free slot goes to (see the module doc)."""

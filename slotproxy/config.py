@@ -132,6 +132,51 @@ def listen_address(value: Any) -> Address:
     return parse_address(value, allow_port_zero=True)
 
 
+def admin_address(value: Any) -> Address | None:
+    """"" (off), "HOST:PORT", or a bare port, which means loopback."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected \"HOST:PORT\" or a port, got {_type_name(value)}")
+    if not value:
+        return None
+    if value.lstrip(":").isdigit():
+        value = "127.0.0.1:" + value.lstrip(":")
+    return parse_address(value, allow_port_zero=True)
+
+
+SCRAM_PREFIX = "SCRAM-SHA-256$"
+
+
+def verifiers(value: Any) -> tuple[tuple[str, str], ...]:
+    """[admin] users: user name -> SCRAM-SHA-256 verifier (never a password in clear)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table of user = \"SCRAM-SHA-256$...\", got {_type_name(value)}")
+    found = []
+    for user, verifier in value.items():
+        if not isinstance(verifier, str) or not _is_verifier(verifier):
+            raise ValueError(f"user {user!r}: expected a SCRAM-SHA-256 verifier "
+                             "(make one with `slotproxy hash-password`), not a password")
+        found.append((user, verifier))
+    return tuple(found)
+
+
+def _is_verifier(text: str) -> bool:
+    # SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as PostgreSQL stores it
+    if not text.startswith(SCRAM_PREFIX):
+        return False
+    parts = text[len(SCRAM_PREFIX):].split("$")
+    if len(parts) != 2 or parts[0].count(":") != 1 or parts[1].count(":") != 1:
+        return False
+    return parts[0].split(":")[0].isdigit()
+
+
+def flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_type_name(value)} ({value!r})")
+    return value
+
+
 def key(default: Any, parse: Callable[[Any], Any], doc: str, *, reload: bool = True) -> Any:
     return field(default=default, metadata={"parse": parse, "reload": reload, "doc": doc})
 
@@ -145,6 +190,8 @@ class ProxyConfig:
                                  "seconds a new client has to send its startup packet")
     shutdown_timeout: float = key(25.0, seconds,
                                   "seconds live sessions may go on after SIGTERM before they are closed")
+    workers: int = key(1, integer(1, 64), "processes sharing the listen port (SO_REUSEPORT)",
+                       reload=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,11 +288,22 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Address | None = key(None, admin_address,
+                                 "address of /metrics, /status, /health, /ready: \"HOST:PORT\" "
+                                 "or a port (loopback); empty: off", reload=False)
+    users: tuple[tuple[str, str], ...] = key((), verifiers,
+                                             "console users: name = SCRAM-SHA-256 verifier")
+    trust_loopback: bool = key(False, flag, "let console clients from loopback in without a password")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     proxy: ProxyConfig = ProxyConfig()
     backend: BackendConfig = BackendConfig()
     admission: AdmissionConfig = AdmissionConfig()
     monitor: MonitorConfig = MonitorConfig()
+    admin: AdminConfig = AdminConfig()
     databases: tuple[RouteConfig, ...] = ()
     backend_given: bool = False  # [backend] or --backend was set, not only defaulted
     source: str = "built-in defaults"
@@ -273,7 +331,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {
     name: hint for name, hint in typing.get_type_hints(Config).items()
-    if name in ("proxy", "backend", "admission", "monitor")
+    if name in ("proxy", "backend", "admission", "monitor", "admin")
 }
 KNOWN_SECTIONS = (*SECTIONS, "databases")
 
@@ -302,6 +360,12 @@ def keys() -> Iterator[KeyInfo]:
 
 def format_value(value: Any) -> str:
     """A value as it would be written in TOML."""
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "{ " + ", ".join(f'{k} = "{v}"' for k, v in value) + " }" if value else "{}"
     if isinstance(value, (str, Address)):
         return f'"{value}"'
     if isinstance(value, float) and value.is_integer():

@@ -20,6 +20,7 @@ class Reason(enum.Enum):
     # Refusals the proxy sends itself.
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
+    SERVER_REFUSAL = "server_refusal"  # the server's own refusal reached the client
     SERVER_UNREACHABLE = "server_unreachable"
     SHUTDOWN = "shutdown"
     PROTOCOL_ERROR = "protocol_error"

@@ -79,6 +79,12 @@ class Gate:
         """New limits, and after a poll of the server the holders it showed."""
         self._wake(self.admission.update(limits, self._now(), seen=seen, viewing=viewing))
 
+    def pause(self) -> None:
+        self.admission.pause()
+
+    def resume(self) -> None:
+        self._wake(self.admission.resume(self._now()))
+
     def close(self) -> None:
         """Refuse every waiter with 57P01 and admit nobody from now on."""
         self.closed = True

@@ -24,14 +24,16 @@ Observer = Callable[[bytes], None]
 
 
 class _Half(asyncio.Protocol):
-    __slots__ = ("relay", "peer", "transport")
+    __slots__ = ("count", "peer", "relay", "transport")
 
     def __init__(self, relay: Relay, transport: asyncio.Transport, peer: asyncio.Transport) -> None:
         self.relay = relay
         self.transport = transport
         self.peer = peer
+        self.count = 0  # bytes read from this side
 
     def data_received(self, data: bytes) -> None:
+        self.count += len(data)
         self.peer.write(data)
 
     # Our transport's write buffer is full: stop reading what fills it.
@@ -51,6 +53,7 @@ class _ClientHalf(_Half):
         self.observer = observer
 
     def data_received(self, data: bytes) -> None:
+        self.count += len(data)
         if self.observer is not None:
             self.observer(data)
         self.peer.write(data)
@@ -73,6 +76,7 @@ class _ServerHalf(_Half):
         self.observer = observer
 
     def data_received(self, data: bytes) -> None:
+        self.count += len(data)
         if self.observer is not None:
             self.observer(data)
         self.peer.write(data)
@@ -130,8 +134,17 @@ class Relay:
         for t in (client, server):
             t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.server_half = _ServerHalf(self, server, client, server_observer)
-        client.set_protocol(_ClientHalf(self, client, server, client_observer))
+        self.client_half = _ClientHalf(self, client, server, client_observer)
+        client.set_protocol(self.client_half)
         server.set_protocol(self.server_half)
+
+    @property
+    def bytes_to_server(self) -> int:
+        return self.client_half.count
+
+    @property
+    def bytes_to_client(self) -> int:
+        return self.server_half.count
 
     def set_server_observer(self, observer: Observer | None) -> None:
         self.server_half.observer = observer

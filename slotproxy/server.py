@@ -16,6 +16,7 @@ from typing import Any
 from .capacity import Snapshot
 from .config import Address, Config
 from .gate import Gate
+from .metrics import ProxyCollector, Stats
 from .monitor import Monitor
 from .routing import Router
 from .session import Handshake, Phase, Session
@@ -51,10 +52,11 @@ LISTEN_BACKLOG = 4096  # bursts of clients arrive at once; the kernel caps it at
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.stats = Stats()
         self.router = Router(config)
         primary = config.backend.address
         self.upstreams: dict[Address, Upstream] = {
-            address: Upstream(config, address,
+            address: Upstream(config, address, self.stats,
                               monitor_dsn(config.monitor.dsn, address, primary) if config.monitor.dsn
                               else None)
             for address in self.router.servers
@@ -67,6 +69,7 @@ class Proxy:
         self._all_closed: asyncio.Event | None = None
         self.stopping = False
         self.unknown_cancels = Throttle(interval=1.0)
+        self.stats.registry.register(ProxyCollector(self))
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -281,8 +281,9 @@ class Session:
             raise ClientError(
                 Reason.SERVER_UNREACHABLE, "08006",
                 f"slotproxy could not reach the server at {self.backend_address}: {e.what}") from None
-        self._decided(f"admitted without queueing ({why})",
-                      asyncio.get_running_loop().time() - started, 0)
+        waited = asyncio.get_running_loop().time() - started
+        self.proxy.stats.admit(str(self.backend_address), self.cls.name, waited)  # type: ignore[union-attr]
+        self._decided(f"admitted without queueing ({why})", waited, 0)
         return answered, sent
 
     async def _admit(self) -> tuple[backend.Answered, int]:
@@ -315,11 +316,14 @@ class Session:
                     except backend.ConnectFailed as e:
                         failure = e
                         attempts += 1
+                        self.proxy.stats.retries[str(upstream.address), e.sqlstate or "connect"] += 1
                         self.log.debug("attempt %d: %s; waiting to retry", attempts, e.what)
                         gate.refused(self.ticket)
                         continue
                     gate.answered(self.ticket)
-                    self._decided("admitted", loop.time() - started, attempts)
+                    waited = loop.time() - started
+                    self.proxy.stats.admit(str(upstream.address), self.cls.name, waited)
+                    self._decided("admitted", waited, attempts)
                     return answered, sent
         except TimeoutError:
             error = self._deadline_error(loop.time() - started, failure, attempts)
@@ -362,7 +366,7 @@ class Session:
                 Reason.SERVER_UNREACHABLE, "08006",
                 f"slotproxy could not reach the server at {self.backend_address}: {failure.what}",
                 detail=retried)
-        return ClientError(Reason.QUEUE_TIMEOUT, failure.sqlstate or "53300",
+        return ClientError(Reason.SERVER_REFUSAL, failure.sqlstate or "53300",
                            failure.message or failure.what, detail=retried)
 
     def _decided(self, outcome: str, waited: float, attempts: int) -> None:
@@ -412,6 +416,7 @@ class Session:
                 # After an authentication exchange the proxy could not repeat for the
                 # client, so it reached the client: headroom is too small.
                 self.upstream.gate.post_auth_refusals += 1  # type: ignore[union-attr]
+                self.proxy.stats.refused["server_refusal", "53300"] += 1
                 self.log.warning(
                     "the server refused this client after authentication (53300: %s); it "
                     "cannot be retried for a password login: raise admission.headroom "
@@ -486,6 +491,7 @@ class Session:
 
     def _refuse(self, error: ClientError) -> None:
         self.reason = error.reason
+        self.proxy.stats.refused[error.reason.value, error.sqlstate] += 1
         if error.reason in (Reason.PROTOCOL_ERROR, Reason.STARTUP_TIMEOUT):
             self.log.warning("closing: %s", error.message)
         if not self.transport.is_closing():
@@ -500,6 +506,9 @@ class Session:
 
     def _cleanup(self) -> None:
         self.phase = Phase.CLOSED
+        if self.relay is not None:
+            self.proxy.stats.bytes_to_server += self.relay.bytes_to_server
+            self.proxy.stats.bytes_to_client += self.relay.bytes_to_client
         if self.ticket.state is State.HOLDING:
             gate = self.upstream.gate  # type: ignore[union-attr]
             connecting = self._connecting

@@ -13,6 +13,7 @@ from .admission import Admission, Limits
 from .capacity import ServerView, Snapshot
 from .config import Address, Config
 from .gate import Gate
+from .metrics import Stats
 from .monitor import Monitor, OwnSessions
 
 if TYPE_CHECKING:
@@ -34,9 +35,10 @@ def monitor_dsn(dsn: str, address: Address, primary: Address) -> str:
 
 
 class Upstream:
-    def __init__(self, config: Config, address: Address, monitor_dsn: str | None) -> None:
+    def __init__(self, config: Config, address: Address, stats: Stats, monitor_dsn: str | None) -> None:
         self.config = config
         self.address = address
+        self.stats = stats
         fixed = config.admission.fixed_slots
         # Until the monitor's first poll, or without a monitor, the fixed cap holds.
         self.capacity = (capacity.blind(fixed, None, "no poll yet") if monitor_dsn
@@ -153,6 +155,7 @@ class Upstream:
                 next_check = min(next_check, tracker.since + limit)
         due.sort(key=lambda item: item[0])
         for since, session, limit in due[:max(0, waiting - ending)]:
+            self.stats.reclaimed[str(self.address), session.state] += 1
             session.reclaim(now - since, limit, waiting)
             self.reclaimed += 1
         self._reaper = loop.call_at(next_check, self._reclaim)
