@@ -20,7 +20,7 @@ import uvloop
 from .context import DEFAULTS, Context, Knobs
 from .progress import Progress
 from .spawn import KINDS, Environment, SpawnOptions
-from .targets import UsageError, parse_pid, parse_target
+from .targets import UsageError, parse_number, parse_target
 
 SESSION_SCENARIOS = ("burst", "churn", "leak", "external", "restart")
 MEASUREMENTS = ("pgbench", "relay", "waiters", "handoff")
@@ -196,8 +196,8 @@ async def main_async(args: argparse.Namespace) -> int:
         raise UsageError("give either --spawn or at least one --target NAME=DSN")
     if len({t.name for t in given}) != len(given):
         raise UsageError("--target: names must differ")
-    pids = dict(parse_pid(p) for p in args.pid)
-    slots = {name: n for name, n in (parse_pid(s) for s in args.slots)}
+    pids = dict(parse_number(p, "--pid") for p in args.pid)
+    slots = dict(parse_number(s, "--slots") for s in args.slots)
     given = [t if t.name not in pids else type(t)(t.name, t.dsn, t.kind, pids[t.name]) for t in given]
     json_path = args.json or Path("loadtest-results") / (
         datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S") + ".json")

@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -93,7 +94,8 @@ def unread_sockets(port: int) -> tuple[int, int]:
     return established, unread
 
 
-async def wait_for(predicate, what: str, timeout: float, interval: float = 0.01) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(predicate: Callable[[], object], what: str, timeout: float,
+                   interval: float = 0.01) -> None:
     """Poll `predicate` until true; raise naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():

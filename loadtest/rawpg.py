@@ -14,6 +14,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 
 PROTOCOL_3_0 = 196608
 SSL_REQUEST = 80877103
@@ -165,7 +166,7 @@ class FakeBackend:
     def changed(self) -> None:
         self._changed.set()
 
-    async def until(self, predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    async def until(self, predicate: Callable[[], object], timeout: float = 30) -> None:
         """Wait for something this backend saw (a startup, a query), woken by each event."""
         async with asyncio.timeout(timeout):
             while not predicate():

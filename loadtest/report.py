@@ -53,8 +53,8 @@ def grid(title: str, names: list[str], rows: list[Row], *, ratios: bool = True) 
     widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
     out = [title]
     for r in [header, *body]:
-        out.append(r[0].ljust(widths[0] + 2) + "".join(c.rjust(w + 2) for c, w in zip(r[1:], widths[1:],
-                                                                                      strict=True)))
+        cells = "".join(c.rjust(w + 2) for c, w in zip(r[1:], widths[1:], strict=True))
+        out.append((r[0].ljust(widths[0] + 2) + cells).rstrip())
     return "\n".join(out)
 
 

@@ -50,8 +50,9 @@ def parse_target(text: str) -> Target:
     return Target(name, dsn)
 
 
-def parse_pid(text: str) -> tuple[str, int]:
-    name, sep, pid = text.partition("=")
-    if not sep or not pid.isdigit():
-        raise UsageError(f"--pid {text!r}: expected NAME=PID")
-    return name, int(pid)
+def parse_number(text: str, flag: str) -> tuple[str, int]:
+    """NAME=N, as --pid and --slots take it."""
+    name, sep, n = text.partition("=")
+    if not sep or not name or not n.isdigit():
+        raise UsageError(f"{flag} {text!r}: expected NAME={flag.strip('-').upper()}")
+    return name, int(n)
