@@ -261,8 +261,13 @@ admin_users = postgres
                 os.chown(path, account.pw_uid, account.pw_gid)
         argv = [binary, str(home / "pgbouncer.ini")]
         if account is not None:
-            # runuser passes our signals on to PgBouncer.
-            argv = ["runuser", "-u", account.pw_name, "--", *argv]
+            # setpriv execs PgBouncer as postgres and keeps our raised RLIMIT_NOFILE; runuser
+            # would pass through PAM, which resets it (to 1024 here), and stay as a parent.
+            if shutil.which("setpriv"):
+                argv = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}",
+                        "--clear-groups", "--", *argv]
+            else:
+                argv = ["runuser", "-u", account.pw_name, "--", *argv]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
@@ -283,5 +288,6 @@ admin_users = postgres
     async def stop(self, timeout: float = 5) -> None:
         await super().stop(timeout)
         pid = self.bouncer_pid
-        if pid is not None and cpu_seconds(pid) is not None:
+        # Only under runuser is PgBouncer not our child (with setpriv it is, and reaped by now).
+        if pid is not None and pid != self.proc.pid and cpu_seconds(pid) is not None:
             os.kill(pid, signal.SIGKILL)  # runuser went, PgBouncer stayed: ours to end
