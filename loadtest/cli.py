@@ -122,6 +122,18 @@ def knobs_from(args: argparse.Namespace) -> Knobs:
             raise UsageError(f"{flag}: give at least one of {', '.join(allowed)}")
         return found
 
+    for flag in ("clients", "rounds", "waiters", "handoffs", "pgbench_clients", "pgbench_jobs",
+                 "pgbench_seconds", "relay_mb", "max_connections"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')}: must be at least 1")
+    for flag in ("rate", "duration", "sample_interval", "queue_timeout", "connect_timeout"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')}: must be above 0")
+    for flag in ("hold", "think", "leaked", "external", "reserved"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise UsageError(f"--{flag.replace('_', '-')}: must not be negative")
     return Knobs(
         hold=args.hold, query=args.query, think=args.think, connect_timeout=args.connect_timeout,
         clients=args.clients, rate=args.rate, duration=args.duration, seed=args.seed, leaked=args.leaked,
@@ -176,7 +188,7 @@ def document(args: argparse.Namespace, ctx: Context, sections: list[dict[str, An
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "command": sys.argv[1:] if args is not None else [],
+        "command": sys.argv[1:],
         "spawned": spawned,
         "targets": [{"name": t.name, "dsn": t.shown(), "kind": t.kind, "pid": t.pid} for t in ctx.targets],
         "notes": notes,

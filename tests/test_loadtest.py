@@ -315,3 +315,17 @@ async def test_a_target_that_refuses_every_connection_is_reported_not_fatal(tmp_
     [result] = json.loads(out.read_text())["scenarios"][0]["results"]
     assert result["refused"] == {"ConnectionRefusedError": 3} and result["succeeded"] == 0
     assert table_row(stdout.decode(), "refused ConnectionRefusedError") == ["3"]
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["burst"], "give either --spawn or at least one --target NAME=DSN"),
+    (["--target", "x=http://db", "burst"], "--target x: expected a postgresql:// URI"),
+    (["--spawn", "churn", "--rate", "0"], "--rate: must be above 0"),
+    (["--spawn", "--spawn-targets", "direct,pgpool", "burst"], "--spawn-targets: unknown target 'pgpool'"),
+])
+async def test_bad_usage_exits_2_saying_what_is_wrong(args: list[str], problem: str) -> None:
+    proc = await asyncio.create_subprocess_exec(*LOADTEST, *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert err.decode().startswith(f"loadtest: {problem}"), err.decode()
