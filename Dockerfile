@@ -3,6 +3,7 @@ FROM python:3.11-slim
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY slotproxy ./slotproxy
+COPY loadtest ./loadtest
 RUN pip install --no-cache-dir . && rm -rf /src
 
 # A starting config that listens on every interface of the container;

@@ -1,0 +1,58 @@
+"""Targets: a name and a PostgreSQL URI to connect to, compared side by side."""
+
+from __future__ import annotations
+
+import urllib.parse
+from dataclasses import dataclass
+
+
+class UsageError(Exception):
+    """A bad command line or target; the CLI prints it and exits 2."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    dsn: str
+    kind: str = "given"  # "direct", "slotproxy", "pgbouncer" when spawned
+    pid: int | None = None  # the proxy's process, for its CPU time and memory
+
+    @property
+    def address(self) -> tuple[str, int]:
+        parts = urllib.parse.urlsplit(self.dsn)
+        return parts.hostname or "127.0.0.1", parts.port or 5432
+
+    @property
+    def user(self) -> str:
+        return urllib.parse.unquote(urllib.parse.urlsplit(self.dsn).username or "postgres")
+
+    @property
+    def database(self) -> str:
+        path = urllib.parse.urlsplit(self.dsn).path.lstrip("/")
+        return urllib.parse.unquote(path) or self.user
+
+    def shown(self) -> str:
+        """The DSN with its password masked, for reports."""
+        parts = urllib.parse.urlsplit(self.dsn)
+        if parts.password is None:
+            return self.dsn
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def parse_target(text: str) -> Target:
+    """NAME=postgresql://user[:password]@host:port/database[?...]"""
+    name, sep, dsn = text.partition("=")
+    if not sep or not name or not dsn:
+        raise UsageError(f"--target {text!r}: expected NAME=DSN")
+    if urllib.parse.urlsplit(dsn).scheme not in ("postgres", "postgresql"):
+        raise UsageError(f"--target {name}: expected a postgresql:// URI, got {dsn!r}")
+    return Target(name, dsn)
+
+
+def parse_number(text: str, flag: str) -> tuple[str, int]:
+    """NAME=N, as --pid and --slots take it."""
+    name, sep, n = text.partition("=")
+    if not sep or not name or not n.isdigit():
+        raise UsageError(f"{flag} {text!r}: expected NAME={flag.strip('-').upper()}")
+    return name, int(n)

@@ -1,0 +1,331 @@
+"""The load-test harness, briefly, against servers it spawns: each scenario's JSON holds what its table shows.
+
+Timings are never asserted (the machine is shared and noisy); who succeeded,
+who was refused and with which SQLSTATE, are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest import plot
+from loadtest.context import Context, Knobs
+from loadtest.measure import handoff, relay, waiters
+from loadtest.pgbench import run as run_pgbench
+from loadtest.procs import pgbouncer_binary
+from loadtest.progress import Progress
+from loadtest.report import render
+from loadtest.scenarios import run_sessions
+from loadtest.spawn import Environment, SpawnOptions
+from slotproxy.cluster import Template
+
+from .conftest import wait_until
+
+# A small server: 5 slots for the application role, 1 reserved for the superuser.
+SMALL = {"max_connections": 6, "reserved": 1}
+LOADTEST = [sys.executable, "-m", "loadtest"]
+
+
+@pytest.fixture
+async def spawn(pg_template: Template) -> AsyncIterator[Callable[..., Any]]:
+    started: list[Environment] = []
+
+    async def make(**options: Any) -> Environment:
+        options = {**SMALL, "kinds": ("direct", "slotproxy"), **options}
+        env = Environment(SpawnOptions(**options), template=pg_template)
+        started.append(env)
+        return await env.__aenter__()
+
+    yield make
+    for env in started:
+        await env.close()
+
+
+def context(env: Environment, **knobs: Any) -> Context:
+    return Context.spawned(env, Knobs(**knobs), Progress(enabled=False))
+
+
+def by_target(section: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["target"]: r for r in section["results"]}
+
+
+def table_row(table: str, label: str) -> list[str]:
+    """The cells of the row `label` in a rendered table."""
+    for line in table.splitlines():
+        if line.startswith(label + "  "):
+            return line[len(label):].split()
+    raise AssertionError(f"no row {label!r} in:\n{table}")
+
+
+def assert_accounted(result: dict[str, Any]) -> None:
+    """Every attempt either succeeded, was refused, or broke, and the timeline saw the run."""
+    assert result["attempts"] == (result["succeeded"] + sum(result["refused"].values())
+                                  + sum(result["broken"].values())), result
+    assert sum(result["messages"].values()) == result["attempts"] - result["succeeded"]
+    timeline = result["timeline"]
+    assert timeline["t"] and timeline["errors"][-1] == result["attempts"] - result["succeeded"]
+    json.dumps(result, allow_nan=False)
+
+
+# -- burst: the acceptance test ----------------------------------------------------------------
+
+
+async def test_burst_direct_reports_the_servers_53300_refusals_and_slotproxy_none(spawn: Any) -> None:
+    env = await spawn()
+    section = await run_sessions("burst", context(env, clients=30, hold=0.2))
+    results = by_target(section)
+    direct, proxied = results["direct"], results["slotproxy"]
+    for r in (direct, proxied):
+        assert r["attempts"] == 30
+        assert_accounted(r)
+
+    assert set(direct["refused"]) == {"53300"} and direct["refused"]["53300"] > 0, direct["refused"]
+    assert direct["succeeded"] == 30 - direct["refused"]["53300"]
+    assert all(m.startswith("53300: ") for m in direct["messages"]), direct["messages"]
+    assert proxied["succeeded"] == 30 and proxied["refused"] == {} and proxied["broken"] == {}
+    assert proxied["connect_wait_s"]["max"] > 0.2  # some waited for a slot a holder gave back
+    assert proxied["ratio_to_first"]["succeeded"] == 30 / direct["succeeded"]
+
+    # The table shows the same figures.
+    table = render(section)
+    assert table_row(table, "attempts") == ["30", "30"]
+    assert table_row(table, "succeeded")[:2] == [str(direct["succeeded"]), "30"]
+    assert table_row(table, "refused 53300") == [str(direct["refused"]["53300"]), "0"]
+    told = [int(n) for n in re.findall(r"^ +(\d+) x direct: 53300: ", table, re.M)]
+    assert sum(told) == direct["refused"]["53300"], table
+
+
+async def test_burst_from_the_command_line_writes_json_matching_its_table(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    proc = await asyncio.create_subprocess_exec(
+        *LOADTEST, "--spawn", "--spawn-targets", "direct,slotproxy", "--max-connections", "6",
+        "--reserved", "1", "burst", "--clients", "20", "--hold", "0.2", "--json", str(out),
+        "--png-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
+    text = stdout.decode()
+    assert proc.returncode == 0, stderr.decode()
+    doc = json.loads(out.read_text())
+    [section] = doc["scenarios"]
+    results = by_target(section)
+    assert [t["name"] for t in doc["targets"]] == ["direct", "slotproxy"]
+    assert table_row(text, "attempts") == ["20", "20"]
+    assert table_row(text, "succeeded")[:2] == [str(results["direct"]["succeeded"]),
+                                                str(results["slotproxy"]["succeeded"])]
+    assert results["slotproxy"]["succeeded"] == 20
+    assert f"Every figure: {out}" in text
+    assert doc["png"] or plot.HOW_TO_GET in text
+    assert "burst direct:" in stderr.decode()  # the progress line
+
+
+# -- the other incidents -----------------------------------------------------------------------
+
+
+async def test_churn_makes_one_connection_per_request_on_the_same_schedule_everywhere(spawn: Any) -> None:
+    env = await spawn()
+    section = await run_sessions("churn", context(env, rate=40, duration=1.0, seed=7))
+    rng = random.Random(7)
+    expected, at = 0, rng.expovariate(40)
+    while at < 1.0:
+        expected, at = expected + 1, at + rng.expovariate(40)
+    for r in section["results"]:
+        assert r["attempts"] == expected and r["succeeded"] == expected, r
+        assert r["queries"] == expected  # hold 0: one query per connection
+        assert_accounted(r)
+    assert table_row(render(section), "attempts") == [str(expected)] * 2
+
+
+async def test_leak_takes_slots_for_good_and_slotproxy_makes_the_rest_wait(spawn: Any) -> None:
+    env = await spawn()
+    section = await run_sessions("leak", context(env, leaked=3, rate=20, duration=1.5, hold=0.3))
+    results = by_target(section)
+    for r in results.values():
+        assert r["extra"]["leaked held"] == 3
+        assert_accounted(r)
+    assert results["direct"]["refused"].get("53300", 0) > 0, results["direct"]
+    assert results["slotproxy"]["succeeded"] == results["slotproxy"]["attempts"]
+    assert table_row(render(section), "leaked held") == ["3", "3"]
+
+
+async def test_external_connections_take_slots_and_a_proxy_sized_for_them_refuses_nobody(
+        spawn: Any) -> None:
+    # 5 usable slots: 3 taken from outside mid-run, so slotproxy is given the other 2.
+    env = await spawn(proxy_slots=2)
+    section = await run_sessions("external", context(env, external=3, external_at=0.2, external_for=1.0,
+                                                      rate=15, duration=1.5, hold=0.3))
+    results = by_target(section)
+    for r in results.values():
+        assert r["extra"]["external held"] == 3, r["extra"]
+        assert [what for _, what in r["marks"]] == ["3 external connections", "external connections closed"]
+        assert_accounted(r)
+    assert results["slotproxy"]["refused"] == {} and results["slotproxy"]["broken"] == {}
+    assert table_row(render(section), "external held") == ["3", "3"]
+
+
+async def test_restart_mid_run_new_clients_wait_through_slotproxy(spawn: Any) -> None:
+    env = await spawn()
+    section = await run_sessions("restart", context(env, rate=15, duration=1.5, hold=0.2, restart_at=0.4))
+    results = by_target(section)
+    for r in results.values():
+        assert [what for _, what in r["marks"]] == ["server restart begins", "server is back"]
+        assert r["extra"]["restart took s"] > 0
+        assert_accounted(r)
+    # Sessions open at the restart may break (57P01 and its kin), but no client is refused.
+    assert results["slotproxy"]["refused"] == {}, results["slotproxy"]["messages"]
+
+
+# -- measurements -----------------------------------------------------------------------------
+
+
+async def test_pgbench_interleaved_rounds_with_and_without_a_connection_per_transaction(
+        spawn: Any) -> None:
+    env = await spawn()
+    section = await run_pgbench(context(env, pgbench_seconds=1, rounds=1, pgbench_clients=2,
+                                        pgbench_jobs=1, protocols=["simple", "extended"],
+                                        reconnect=[False, True]))
+    assert list(section["variants"]) == ["simple", "extended", "simple -C", "extended -C"]
+    table = render(section)
+    for variant, res in section["variants"].items():
+        for name in ("direct", "slotproxy"):
+            [run] = res[name]["runs"]
+            assert run["exit"] == 0 and "error" not in run, run
+            assert run["tps"] > 0 and run["transactions"] > 0 and run["failed"] == 0
+        assert res["direct"]["ratio_to_first"] == 1.0
+        assert res["slotproxy"]["proxy_cpu_us_per_tx_median"] is not None
+        assert res["direct"]["proxy_cpu_us_per_tx_median"] is None  # no process of its own
+        assert table_row(table, f"tps {variant}")[0] == f"{res['direct']['tps_median']:,.0f}"
+
+
+async def test_relay_reads_the_whole_result_through_every_target(spawn: Any) -> None:
+    env = await spawn()
+    section = await relay(context(env, relay_mb=4, rounds=2))
+    for r in section["results"]:
+        assert [run["bytes"] for run in r["runs"]] == [4 << 20] * 2
+        assert r["mib_per_s_median"] > 0
+    assert table_row(render(section), "MiB/s")[0] == f"{section['results'][0]['mib_per_s_median']:,.1f}"
+
+
+async def test_waiters_counts_the_proxys_memory_with_every_client_left_waiting(spawn: Any) -> None:
+    env = await spawn()
+    section = await waiters(context(env, waiters=200))
+    results = by_target(section)
+    assert "skipped" in results["direct"]  # no process of its own to measure
+    proxied = results["slotproxy"]
+    assert proxied["waiting"] == 200 and proxied["closed_by_proxy"] == 0
+    assert proxied["answered_before_slot"] == 0  # waiting clients are told nothing
+    assert proxied["rss_with_bytes"] >= proxied["rss_before_bytes"] > 0
+    assert table_row(render(section), "clients waiting") == ["200"]
+
+
+async def test_handoff_times_each_slot_from_its_release_to_the_next_waiters_startup(spawn: Any) -> None:
+    env = await spawn(kinds=("slotproxy",))
+    section = await handoff(context(env, handoffs=20))
+    results = by_target(section)
+    assert results["direct"]["samples"] == results["slotproxy"]["samples"] == 20
+    for key in ("startup_s", "query_s", "client_s"):
+        figures = results["slotproxy"][key]
+        assert 0 < figures["p50"] <= figures["p99"] <= figures["max"], (key, figures)
+    # The waiter's startup reaches the server before its query does.
+    assert results["slotproxy"]["startup_s"]["p50"] <= results["slotproxy"]["query_s"]["p50"]
+
+
+@pytest.mark.skipif(pgbouncer_binary() is None, reason="pgbouncer is not installed")
+async def test_pgbouncer_in_session_mode_beside_slotproxy(spawn: Any) -> None:
+    env = await spawn(kinds=("direct", "slotproxy", "pgbouncer"))
+    assert [t.kind for t in env.targets] == ["direct", "slotproxy", "pgbouncer"]
+    section = await run_sessions("burst", context(env, clients=20, hold=0.2))
+    results = by_target(section)
+    assert results["pgbouncer"]["succeeded"] == 20, results["pgbouncer"]["messages"]
+    assert "PgBouncer logs clients in itself" in render(section)
+
+
+# -- PNGs, and stopping everything --------------------------------------------------------------
+
+
+def _section_with_one_result() -> dict[str, Any]:
+    return {"scenario": "burst", "kind": "sessions", "results": [{
+        "target": "slot proxy", "succeeded": 2, "attempts": 3, "refused": {"53300": 1},
+        "marks": [[0.5, "server restart begins"]],
+        "timeline": {"t": [0, 0.1, 0.2], "open": [0, 2, 0], "waiting": [3, 1, 0], "errors": [0, 1, 1]}}]}
+
+
+def test_without_matplotlib_the_report_says_how_to_get_the_png(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    written, why = plot.write([_section_with_one_result()], tmp_path, "run")
+    assert written == [] and "pip install 'slotproxy[plot]'" in why
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_with_matplotlib_one_png_per_scenario_and_target(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    written, why = plot.write([_section_with_one_result()], tmp_path, "run")
+    assert why == "" and written == [tmp_path / "run-burst-slot_proxy.png"]
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_interrupted_run_stops_what_it_started(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *LOADTEST, "--spawn", "--spawn-targets", "slotproxy", "burst", "--clients", "5", "--hold", "600",
+        "--json", str(tmp_path / "never.json"), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+    [port] = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]
+    try:
+        await wait_until(lambda: _listening(port), "the spawned slotproxy to listen")
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1, err.decode()
+    assert "interrupted; everything it started is stopped" in err.decode()
+    assert not _listening(port)
+    assert not (tmp_path / "never.json").exists()
+
+
+async def test_a_target_that_refuses_every_connection_is_reported_not_fatal(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens here once closed
+    out = tmp_path / "run.json"
+    proc = await asyncio.create_subprocess_exec(
+        *LOADTEST, "--target", f"nobody=postgresql://app@127.0.0.1:{port}/postgres", "burst",
+        "--clients", "3", "--connect-timeout", "5", "--json", str(out), "--no-png", "--quiet",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    [result] = json.loads(out.read_text())["scenarios"][0]["results"]
+    assert result["refused"] == {"ConnectionRefusedError": 3} and result["succeeded"] == 0
+    assert table_row(stdout.decode(), "refused ConnectionRefusedError") == ["3"]
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["burst"], "give either --spawn or at least one --target NAME=DSN"),
+    (["--target", "x=http://db", "burst"], "--target x: expected a postgresql:// URI"),
+    (["--spawn", "churn", "--rate", "0"], "--rate: must be above 0"),
+    (["--spawn", "--spawn-targets", "direct,pgpool", "burst"], "--spawn-targets: unknown target 'pgpool'"),
+])
+async def test_bad_usage_exits_2_saying_what_is_wrong(args: list[str], problem: str) -> None:
+    proc = await asyncio.create_subprocess_exec(*LOADTEST, *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert err.decode().startswith(f"loadtest: {problem}"), err.decode()
