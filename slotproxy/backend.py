@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .config import Address
 from .errors import ProtocolError
+from .timeouts import deadline
 from .wire import MessageFramer, parse_fields
 
 # SQLSTATEs that mean "no session for you right now", sent before any authentication.
@@ -119,20 +120,21 @@ class _FirstAnswer(asyncio.Protocol):
             self.result.set_exception(ConnectFailed(why))
 
 
-async def connect(address: Address, first_bytes: bytes, timeout: float,
+async def connect(address: Address, first_bytes: bytes, timeout: float, task: asyncio.Task,
                   on_connected: Callable[[asyncio.Transport], None] | None = None,
                   retry: bool = True) -> Answered:
     """Connect, send `first_bytes` (the startup packet and what followed), await the answer.
 
-    `on_connected` sees the transport as soon as the TCP connection is up.
+    `task` is the caller's own task (cancelled if the attempt takes longer than
+    `timeout`). `on_connected` sees the transport as soon as the TCP connection is up.
     Raises ConnectFailed when the attempt may be retried later; with `retry`
     false, only when the server cannot be reached (its refusals are answers).
     """
-    loop = asyncio.get_running_loop()
+    loop = task.get_loop()
     result: asyncio.Future[bytearray] = loop.create_future()
     transport: asyncio.Transport | None = None
     try:
-        async with asyncio.timeout(timeout):
+        async with deadline(loop, task, loop.time() + timeout):
             transport, _ = await loop.create_connection(
                 lambda: _FirstAnswer(result, retry), address.host, address.port)
             if on_connected is not None:

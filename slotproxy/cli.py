@@ -90,6 +90,11 @@ def _overrides(args: argparse.Namespace) -> list[config.Override]:
 
 
 def _setup_logging(level: str) -> None:
+    # The format uses none of these, and each costs time on every line.
+    logging._srcfile = None  # no caller lookup (stack walk) per record
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=getattr(logging, level.upper()), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

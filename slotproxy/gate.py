@@ -28,6 +28,7 @@ class Gate:
         self.post_auth_refusals = 0  # refusals relayed after a password exchange
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def enter(self, ticket: Ticket) -> bool:
         """A new client asks for a slot: True if it holds one now, False if it waits.
@@ -49,7 +50,7 @@ class Gate:
             raise shutdown_error()
         if ticket.state is State.HOLDING:
             return
-        waker = asyncio.get_running_loop().create_future()
+        waker = self.loop.create_future()
         ticket.waker = waker
         try:
             await waker
@@ -108,9 +109,14 @@ class Gate:
                        f"for a server slot ({key} = {limit})")
         return ClientError(Reason.QUEUE_FULL, "53300", message, hint=f"Retry later, or raise {key}.")
 
-    @staticmethod
-    def _now() -> float:
-        return asyncio.get_running_loop().time()
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _now(self) -> float:
+        return self.loop.time()
 
     def _wake(self, admitted: list[Ticket]) -> None:
         for ticket in admitted:
@@ -129,7 +135,7 @@ class Gate:
             self._timer = None
         self._timer_at = when
         if when is not None and not self.closed:
-            self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+            self._timer = self.loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

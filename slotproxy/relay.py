@@ -119,11 +119,11 @@ class Relay:
         client: asyncio.Transport,
         server: asyncio.Transport,
         *,
+        loop: asyncio.AbstractEventLoop,
         client_observer: Observer | None = None,
         server_observer: Observer | None = None,
         on_client_gone: Callable[[], None] | None = None,
     ) -> None:
-        loop = asyncio.get_running_loop()
         self.client = client
         self.server = server
         self.server_closed: asyncio.Future[None] = loop.create_future()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import socket
 from collections.abc import Coroutine
 from typing import Any
 
@@ -74,7 +73,7 @@ class Proxy:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self._all_closed = asyncio.Event()
         self._all_closed.set()
         for upstream in self.upstreams.values():
@@ -149,14 +148,12 @@ class Proxy:
     # -- sessions --------------------------------------------------------------------
 
     def open_session(self, transport: asyncio.Transport, handshake: Handshake) -> Session:
+        # uvloop sets TCP_NODELAY on every TCP transport, accepted and connected.
         session = Session(self, transport, handshake, next(self._ids))
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sessions.add(session)
         assert self._all_closed is not None
         self._all_closed.clear()
-        session.task = asyncio.get_running_loop().create_task(session.run())
+        session.task = self.loop.create_task(session.run())
         session.task.add_done_callback(lambda _: self._session_done(session))
         return session
 
@@ -186,7 +183,7 @@ class Proxy:
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a helper task the proxy keeps referenced until it ends."""
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

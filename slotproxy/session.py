@@ -25,6 +25,7 @@ from .errors import ClientError, ProtocolError, Reason
 from .monitor import normalize_host
 from .relay import Relay
 from .routing import classify
+from .timeouts import deadline
 
 if TYPE_CHECKING:
     from .config import Address, ClassConfig
@@ -113,7 +114,7 @@ class Session:
 
     def __init__(self, proxy: Proxy, transport: asyncio.Transport, handshake: Handshake,
                  conn_id: int) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = proxy.loop
         self.proxy = proxy
         self.transport = transport
         self.handshake = handshake
@@ -132,7 +133,8 @@ class Session:
         self.bypass = False
         self.reclaiming = False
         self.backend_key: tuple[int, bytes] | None = None
-        self.backend_endpoint: tuple[str, int] | None = None  # our end of the server connection
+        self._backend_transport: asyncio.Transport | None = None
+        self._endpoint: tuple[str, int] | None = None
         self._connecting: asyncio.Transport | None = None  # the server connection before relaying
         self.relay: Relay | None = None
         self.tracker: wire.SessionTracker | None = None
@@ -224,8 +226,9 @@ class Session:
 
     async def _run(self) -> None:
         config = self.proxy.config
+        loop = self.loop
         try:
-            async with asyncio.timeout(config.proxy.startup_timeout):
+            async with deadline(loop, self.task, loop.time() + config.proxy.startup_timeout):
                 event = await self._first
         except TimeoutError:
             if self.handshake.reader.pending:
@@ -272,33 +275,34 @@ class Session:
         """A bypass lane: no queue, no retries; whatever the server says reaches the client."""
         self.phase = Phase.CONNECTING
         sent = len(self.handshake.early)
-        started = asyncio.get_running_loop().time()
+        started = self.loop.time()
         try:
             answered = await backend.connect(
                 self.backend_address, self.packet + self.handshake.early,  # type: ignore[arg-type]
-                self.proxy.config.backend.connect_timeout, self._connected, retry=False)
+                self.proxy.config.backend.connect_timeout, self.task,  # type: ignore[arg-type]
+                self._connected, retry=False)
         except backend.ConnectFailed as e:
             raise ClientError(
                 Reason.SERVER_UNREACHABLE, "08006",
                 f"slotproxy could not reach the server at {self.backend_address}: {e.what}") from None
-        waited = asyncio.get_running_loop().time() - started
+        waited = self.loop.time() - started
         self.proxy.stats.admit(str(self.backend_address), self.cls.name, waited)  # type: ignore[union-attr]
         self._decided(f"admitted without queueing ({why})", waited, 0)
         return answered, sent
 
     async def _admit(self) -> tuple[backend.Answered, int]:
         """Wait for a slot and connect; retry refusals until the queue deadline."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         config = self.proxy.config
         upstream = self.upstream
         assert upstream is not None and self.cls is not None
         gate = upstream.gate
         started = loop.time()
-        deadline = started + self.cls.queue_timeout
+        until = started + self.cls.queue_timeout
         failure: backend.ConnectFailed | None = None
         attempts = 0
         try:
-            async with asyncio.timeout_at(deadline):
+            async with deadline(loop, self.task, until):  # type: ignore[arg-type]
                 while True:
                     self.phase = Phase.QUEUED
                     if self.ticket.state is State.NEW and not gate.enter(self.ticket):
@@ -312,7 +316,8 @@ class Session:
                     try:
                         answered = await backend.connect(
                             upstream.address, self.packet + self.handshake.early,
-                            config.backend.connect_timeout, self._connected)
+                            config.backend.connect_timeout, self.task,  # type: ignore[arg-type]
+                            self._connected)
                     except backend.ConnectFailed as e:
                         failure = e
                         attempts += 1
@@ -341,10 +346,17 @@ class Session:
             raise
 
     def _connected(self, transport: asyncio.Transport) -> None:
-        self._connecting = transport
-        sockname = transport.get_extra_info("sockname")
-        if sockname:
-            self.backend_endpoint = (normalize_host(sockname[0]), sockname[1])
+        self._connecting = self._backend_transport = transport
+        self._endpoint = None
+
+    @property
+    def backend_endpoint(self) -> tuple[str, int] | None:
+        """Our end of the server connection, as the server sees it (for the monitor)."""
+        if self._endpoint is None and self._backend_transport is not None:
+            sockname = self._backend_transport.get_extra_info("sockname")
+            if sockname:
+                self._endpoint = (normalize_host(sockname[0]), sockname[1])
+        return self._endpoint
 
     def _deadline_error(self, waited: float, failure: backend.ConnectFailed | None,
                         attempts: int) -> ClientError:
@@ -378,8 +390,9 @@ class Session:
         self.phase = Phase.RELAYING
         self._connecting = None
         server = answered.transport
-        tracker = self.tracker = wire.SessionTracker(asyncio.get_running_loop().time)
-        self.relay = relay = Relay(self.transport, server, client_observer=tracker.from_client,
+        tracker = self.tracker = wire.SessionTracker(self.loop.time)
+        self.relay = relay = Relay(self.transport, server, loop=self.loop,
+                                   client_observer=tracker.from_client,
                                    server_observer=self._startup_observer,
                                    on_client_gone=self._client_left_session)
         early = self.handshake.early
@@ -391,17 +404,19 @@ class Session:
         self.transport.write(answered.received)
         server.resume_reading()
 
-        started = asyncio.get_running_loop().time()
+        started = self.loop.time()
         await relay.server_closed
         if self.ticket.state is State.HOLDING:
             self.upstream.gate.release(self.ticket)  # type: ignore[union-attr]
-        self.reason = Reason.SESSION_ENDED
-        self.log.info("session ended after %.3f s", asyncio.get_running_loop().time() - started)
+        if self.reason is None:
+            self.reason = Reason.SESSION_ENDED
+        self.log.debug("session ended after %.3f s", self.loop.time() - started)
+        # A client that takes nothing more is not waited for long.
+        flush_limit = self.loop.call_later(CLIENT_FLUSH_TIMEOUT, self.transport.abort)
         try:
-            async with asyncio.timeout(CLIENT_FLUSH_TIMEOUT):
-                await relay.client_closed
-        except TimeoutError:
-            self.transport.abort()
+            await relay.client_closed
+        finally:
+            flush_limit.cancel()
 
     def _startup_observer(self, data: bytes) -> None:
         """Follows the server until its first ReadyForQuery: the cancel key, refusals."""
