@@ -415,3 +415,15 @@ async def test_a_client_that_stops_reading_pauses_the_server_not_the_proxy_memor
         rows += msg[0] == "D"
     assert rows == 50000
     raw.send(TERMINATE)
+
+
+async def test_both_sockets_of_a_session_have_tcp_nodelay(pg: Cluster, proxy_factory: Any) -> None:
+    import socket
+
+    proxy = await proxy_factory(pg)
+    conn = await connect(proxy)
+    [session] = proxy.sessions
+    for transport in (session.relay.client, session.relay.server):
+        sock = transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    await conn.close()
