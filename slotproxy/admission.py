@@ -155,13 +155,21 @@ class Admission:
         self.paused = False  # PAUSE: admit nobody; waiters keep their places and deadlines
 
     def set_classes(self, classes: Sequence[ClassConfig]) -> None:
-        """One lane per class; a lane keeps its tickets when its class stays."""
+        """One lane per class; a lane keeps its tickets when its class stays.
+
+        A lane whose class is gone (reload) stays while it still has clients:
+        its waiters are served and its holders released as usual; nobody new
+        is classified into it.
+        """
         configs = list(classes) or [ClassConfig(DEFAULT_CLASS, max_queue=self.limits.max_queue)]
         lanes = {}
         for config in configs:
             lane = self.lanes.get(config.name) or Lane(config)
             lane.config = config
             lanes[config.name] = lane
+        for name, lane in self.lanes.items():
+            if name not in lanes and (lane.waiting or lane.holders):
+                lanes[name] = lane
         self.lanes = lanes
 
     # -- what operators see -------------------------------------------------

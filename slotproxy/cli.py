@@ -1,6 +1,7 @@
 """Command line: argparse, logging, uvloop, signals, exit codes. The only place that exits.
 
-Exit codes: 0 done, 1 could not run (cannot listen, demo failed), 2 bad usage or configuration.
+Exit codes: 0 done, 1 could not run (cannot listen, demo failed, status unreachable),
+2 bad usage or configuration.
 """
 
 from __future__ import annotations
@@ -8,13 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Any
 
 import uvloop
 
-from . import __version__, config
+from . import __version__, config, logs, workers
 from .errors import ConfigError
 
 logger = logging.getLogger("slotproxy")
@@ -41,6 +43,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--queue-timeout", type=float, metavar="S",
                      help="overrides admission.queue_timeout")
     _logging_args(run)
+    run.add_argument("--log-format", default="text", choices=["text", "json"],
+                     help="text (default) or one JSON object per line for log shippers")
+
+    status = sub.add_parser("status", help="who waits and who holds slots, from a running proxy")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="FILE", help="find the admin endpoints in [admin] listen")
+    where.add_argument("--admin", metavar="HOST:PORT", help="the admin endpoints' address")
+    status.add_argument("--json", action="store_true", help="the raw JSON of /status")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="S",
+                        help="refresh every S seconds (default 2) until Ctrl-C")
+
+    hashing = sub.add_parser("hash-password",
+                             help="make a SCRAM-SHA-256 verifier for [admin] users (no password is stored)")
+    hashing.add_argument("--iterations", type=int, default=4096, help="default 4096, as PostgreSQL")
 
     check = sub.add_parser("check-config", help="validate a configuration file and show its values")
     check.add_argument("file", metavar="FILE")
@@ -89,30 +105,24 @@ def _overrides(args: argparse.Namespace) -> list[config.Override]:
     return found
 
 
-def _setup_logging(level: str) -> None:
-    # The format uses none of these, and each costs time on every line.
-    logging._srcfile = None  # no caller lookup (stack walk) per record
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging.basicConfig(
-        level=getattr(logging, level.upper()), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
             return _check_config(args.file)
         if args.command == "run":
-            cfg = config.load(args.config, _overrides(args))
-            _setup_logging(args.log_level)
-            return uvloop.run(_serve(cfg))
+            return _run(args, argv)
+        if args.command == "status":
+            from .statuscli import show
+
+            return show(args.config, args.admin, args.json, args.watch)
+        if args.command == "hash-password":
+            return _hash_password(args.iterations)
         if args.command == "demo":
             from .demo import run_demo
 
-            _setup_logging(args.log_level)
+            logs.setup(args.log_level)
             return uvloop.run(run_demo(clients=args.clients, max_connections=args.max_connections,
                                        hold=args.hold))
     except ConfigError as e:
@@ -126,6 +136,41 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    overrides = _overrides(args)
+    cfg = config.load(args.config, overrides)
+    me = workers.identity()
+    if cfg.proxy.workers > 1 and me is None:
+        logs.setup(args.log_level, args.log_format)
+        return uvloop.run(workers.supervise(argv, cfg.proxy.workers))
+    transform = None
+    if me is not None:
+        index, count = me
+        transform = lambda c: workers.worker_config(c, index, count)  # noqa: E731
+        cfg = transform(cfg)
+    logs.setup(args.log_level, args.log_format, worker=None if me is None else me[0])
+    return uvloop.run(_serve(cfg, args.config, overrides, transform))
+
+
+def _hash_password(iterations: int) -> int:
+    import getpass
+
+    from .scram import Verifier
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("slotproxy: the passwords differ", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("slotproxy: an empty password", file=sys.stderr)
+        return EXIT_USAGE
+    print(Verifier.make(password, iterations))
+    return EXIT_OK
+
+
 def _check_config(path: str) -> int:
     cfg = config.load(path)
     print(f"{path}: OK")
@@ -136,11 +181,19 @@ def _check_config(path: str) -> int:
     return EXIT_OK
 
 
-async def _serve(cfg: config.Config) -> int:
+async def _serve(cfg: config.Config, path: str | None, overrides: list[config.Override],
+                 transform: Any) -> int:
     from .server import Proxy
 
     loop = asyncio.get_running_loop()
-    proxy = Proxy(cfg)
+    proxy = Proxy(cfg, path=path, overrides=overrides, reuse_port=cfg.proxy.workers > 1,
+                  transform=transform)
+    channel = None
+    fd = os.environ.get(workers.CONTROL_FD_ENV)
+    if fd is not None:
+        channel = workers.ControlChannel(int(fd), proxy.apply)
+        await channel.start()
+        proxy.broadcast = channel.send
     try:
         await proxy.start()
     except OSError as e:
@@ -166,9 +219,23 @@ async def _serve(cfg: config.Config) -> int:
             logger.warning("%s received again: closing every session now", name)
             stop(proxy.abort)
 
+    async def reload() -> None:
+        try:
+            await proxy.apply("reload")
+        except ConfigError as e:
+            logger.error("reload failed, the running configuration stays: %s", e)
+
+    def on_hangup() -> None:
+        task = loop.create_task(reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stopped.wait()
+    if channel is not None:
+        await channel.close()
     logger.info("stopped")
     return EXIT_OK
 

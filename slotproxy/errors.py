@@ -17,6 +17,7 @@ class Reason(enum.Enum):
 
     # Normal ends of a relayed session.
     SESSION_ENDED = "session_ended"
+    CONSOLE = "console"  # an admin console session ended
     # Refusals the proxy sends itself.
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"

@@ -7,13 +7,17 @@ passed in, never global: tests run as many proxies in one process as they like.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from . import config as configuration
 from .capacity import Snapshot
-from .config import Address, Config
+from .config import Address, Config, Override
+from .endpoints import AdminEndpoints
+from .errors import ConfigError
 from .gate import Gate
 from .metrics import ProxyCollector, Stats
 from .monitor import Monitor
@@ -49,8 +53,16 @@ LISTEN_BACKLOG = 4096  # bursts of clients arrive at once; the kernel caps it at
 
 
 class Proxy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, path: str | None = None,
+                 overrides: Sequence[Override] = (), reuse_port: bool = False,
+                 transform: Callable[[Config], Config] | None = None) -> None:
         self.config = config
+        self.config_path = path  # what RELOAD and SIGHUP read again
+        self.config_overrides = tuple(overrides)
+        self.config_transform = transform  # a worker's share, applied to what is read again
+        self.reuse_port = reuse_port  # workers share the listen port
+        # Console commands go to the other workers too (workers.ControlChannel.send).
+        self.broadcast: Callable[[str, tuple[str, ...]], None] | None = None
         self.stats = Stats()
         self.router = Router(config)
         primary = config.backend.address
@@ -68,6 +80,7 @@ class Proxy:
         self._all_closed: asyncio.Event | None = None
         self.stopping = False
         self.unknown_cancels = Throttle(interval=1.0)
+        self.admin: AdminEndpoints | None = None
         self.stats.registry.register(ProxyCollector(self))
 
     # -- lifecycle -------------------------------------------------------------
@@ -78,10 +91,14 @@ class Proxy:
         self._all_closed.set()
         for upstream in self.upstreams.values():
             await upstream.start()
+        if self.config.admin.listen is not None:
+            self.admin = AdminEndpoints(self)
+            await self.admin.start(self.config.admin.listen)
+            logger.info("admin endpoints on %s: /metrics /status /health /ready", self.admin.address)
         listen = self.config.proxy.listen
         server = await loop.create_server(
             lambda: Handshake(self), listen.host, listen.port,
-            backlog=LISTEN_BACKLOG, reuse_address=True)
+            backlog=LISTEN_BACKLOG, reuse_address=True, reuse_port=self.reuse_port or None)
         self._listeners.append(server)
         servers = "; ".join(f"server {u.address}: {u.capacity.describe()}" for u in self.upstreams.values())
         logger.info("listening on %s; %s", ", ".join(str(a) for a in self.addresses), servers)
@@ -131,6 +148,8 @@ class Proxy:
         await self._finish()
 
     async def _finish(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
         for upstream in self.upstreams.values():
             await upstream.stop()
         await self._drain_tasks()
@@ -162,6 +181,90 @@ class Proxy:
         self.sessions.discard(session)
         if not self.sessions and self._all_closed is not None:
             self._all_closed.set()
+
+    # -- operator commands: reload, pause, resume ---------------------------------------
+
+    async def control(self, command: str, *args: str) -> list[str]:
+        """A console command: run it here, and in the other workers."""
+        result = await self.apply(command, *args)
+        if self.broadcast is not None:
+            self.broadcast(command, args)
+        return result
+
+    async def apply(self, command: str, *args: str) -> list[str]:
+        """Run an operator command here: reload, pause [db] or resume [db]."""
+        if command == "reload":
+            return await self.reload()
+        if command == "pause":
+            return [str(u.address) for u in self.pause(*args)]
+        if command == "resume":
+            return [str(u.address) for u in self.resume(*args)]
+        raise ValueError(f"unknown command {command!r}")
+
+    async def reload(self) -> list[str]:
+        """Read the configuration again and apply it live; returns what changed.
+
+        The whole file is validated first: if it is invalid, ConfigError is raised
+        and the running configuration stays. Keys that need a restart keep their
+        running values and are named in the result.
+        """
+        if self.config_path is None:
+            raise ConfigError("reload", None, "started without --config: there is no file to read again")
+        new = configuration.load(self.config_path, self.config_overrides)
+        if self.config_transform is not None:
+            new = self.config_transform(new)
+        old = self.config
+        changes = []
+        old_values = {key: value for key, value, _ in configuration.describe(old)}
+        restart = {info.dotted for info in configuration.keys() if not info.reload}
+        for key, value, _ in configuration.describe(new):
+            if value != old_values[key]:
+                if key in restart:
+                    changes.append(f"{key} needs a restart (still {old_values[key]}; file says {value})")
+                else:
+                    changes.append(f"{key} {old_values[key]} -> {value}")
+        if new.admission.classes != old.admission.classes:
+            changes.append("admission.class entries changed")
+        if new.databases != old.databases or new.fallback != old.fallback:
+            changes.append("[databases] routes changed (for new sessions)")
+        new = dataclasses.replace(
+            new, proxy=dataclasses.replace(new.proxy, listen=old.proxy.listen, workers=old.proxy.workers),
+            admin=dataclasses.replace(new.admin, listen=old.admin.listen))
+        self.config = new
+        self.router = Router(new)
+        for address in self.router.servers:
+            dsn = monitor_dsn(new.monitor.dsn, address, new.backend.address) if new.monitor.dsn else None
+            upstream = self.upstreams.get(address)
+            if upstream is None:
+                upstream = self.upstreams[address] = Upstream(new, address, self.stats, dsn)
+                await upstream.start()
+            else:
+                await upstream.reconfigure(new, dsn)
+        logger.info("reloaded %s: %s", self.config_path, "; ".join(changes) or "nothing changed")
+        return changes
+
+    def pause(self, database: str | None = None) -> list[Upstream]:
+        """Admit nobody new to the server of `database` (all servers: None)."""
+        paused = self._servers_for(database)
+        for upstream in paused:
+            upstream.gate.pause()
+        logger.info("paused admission to %s", ", ".join(str(u.address) for u in paused))
+        return paused
+
+    def resume(self, database: str | None = None) -> list[Upstream]:
+        resumed = self._servers_for(database)
+        for upstream in resumed:
+            upstream.gate.resume()
+        logger.info("resumed admission to %s", ", ".join(str(u.address) for u in resumed))
+        return resumed
+
+    def _servers_for(self, database: str | None) -> list[Upstream]:
+        if database is None:
+            return list(self.upstreams.values())
+        route = self.router.resolve(database)
+        if route is None:
+            raise ValueError(f'no route for database "{database}"')
+        return [self.upstreams[route.server]]
 
     # -- the first server: the only one unless [databases] routes to others ----------
 

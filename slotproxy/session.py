@@ -19,7 +19,7 @@ import enum
 import logging
 from typing import TYPE_CHECKING, Any
 
-from . import backend, wire
+from . import backend, console, wire
 from .admission import State, Ticket
 from .errors import ClientError, ProtocolError, Reason
 from .monitor import normalize_host
@@ -48,6 +48,7 @@ class Phase(enum.Enum):
     QUEUED = "queued"
     CONNECTING = "connecting"
     RELAYING = "relaying"
+    CONSOLE = "console"
     CLOSED = "closed"
 
 
@@ -249,6 +250,11 @@ class Session:
             self._finish(Reason.TLS_UNSUPPORTED)
             return
         self.startup = event
+        if event.database == console.DATABASE:
+            self.phase = Phase.CONSOLE  # answered by the proxy itself: no server slot
+            await console.Console(self, event).run(bytes(self.handshake.early))
+            self.reason = Reason.CONSOLE
+            return
         route = self.proxy.router.resolve(event.database)
         if route is None:
             raise ClientError(Reason.NO_ROUTE, "3D000",
@@ -557,11 +563,16 @@ async def _release_when_closed(gate: Gate, ticket: Ticket, transport: asyncio.Tr
 
 
 class _Prefixed(logging.LoggerAdapter):
-    """Prefixes every line with the connection's id, user@database and address."""
+    """Gives every line the connection's id, user, database and address (see logs.py)."""
 
     def __init__(self, base: logging.Logger, session: Session) -> None:
         super().__init__(base, {})
         self.session = session
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"{self.session.prefix()} {msg}", kwargs
+        s = self.session
+        fields = {"conn": s.id, "client": f"{s.client_addr}:{s.client_port}"}
+        if s.startup is not None:
+            fields.update(user=s.user, database=s.database, application_name=s.application_name)
+        kwargs["extra"] = {"conn_prefix": s.prefix(), "conn": fields}
+        return msg, kwargs

@@ -50,11 +50,41 @@ class Upstream:
             self.monitor = Monitor(monitor_dsn, config.monitor.interval,
                                    config.backend.connect_timeout, self._own_sessions, self._on_view)
         self.reclaimed = 0
-        self._reaper: asyncio.TimerHandle | None = None
+        self._reaper: asyncio.Handle | None = None
+        self._last_view: ServerView | None = None
+        self._monitor_dsn = monitor_dsn
 
     async def start(self) -> None:
         if self.monitor is not None:
             await self.monitor.start()
+
+    async def reconfigure(self, config: Config, monitor_dsn: str | None) -> None:
+        """A reloaded configuration: new limits, classes and monitor settings, live."""
+        self.config = config
+        self.gate.admission.set_classes(config.class_list)
+        if monitor_dsn != self._monitor_dsn:
+            if self.monitor is not None:
+                await self.monitor.stop()
+            self.monitor = None
+            self._monitor_dsn = monitor_dsn
+            self._monitor_sees = None
+            self._last_view = None
+            if monitor_dsn:
+                self.monitor = Monitor(monitor_dsn, config.monitor.interval,
+                                       config.backend.connect_timeout, self._own_sessions, self._on_view)
+                await self.monitor.start()
+        elif self.monitor is not None:
+            self.monitor.interval = config.monitor.interval
+        fixed = config.admission.fixed_slots
+        if self.monitor is None:
+            self.capacity = Snapshot(capacity=fixed, blind=False)
+        elif self._last_view is not None and not self.capacity.blind:
+            self.capacity = capacity.from_view(self._last_view, fixed, config.admission.headroom)
+        else:
+            self.capacity = capacity.blind(fixed, self.capacity, self.capacity.why or "no poll yet")
+        self.gate.update(self._limits(self.capacity))
+        if self.gate.admission.waiting:
+            self.client_waiting()  # idle timeouts may have been switched on
 
     async def stop(self) -> None:
         if self._reaper is not None:
@@ -92,6 +122,7 @@ class Upstream:
         if view is None:
             snapshot = capacity.blind(fixed, previous, why)
         else:
+            self._last_view = view
             snapshot = capacity.from_view(view, fixed, self.config.admission.headroom)
         if sees != self._monitor_sees:  # log the change once, not every poll
             if not sees:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import sys
@@ -14,6 +15,7 @@ import asyncpg
 import pytest
 
 from slotproxy.cluster import Cluster
+from slotproxy.demo import one_client
 
 from .conftest import wait_until
 
@@ -201,3 +203,131 @@ async def test_a_second_signal_closes_at_once(pg: Cluster, start_proxy: Any) -> 
     assert await p.wait_exit(timeout=10) == 0
     assert "SIGINT received again: closing every session now" in p.log()
     conn.terminate()
+
+
+# -- reload, workers, logs, status, hash-password ------------------------------------------------
+
+
+async def test_sighup_reloads_live_and_an_invalid_file_changes_nothing(
+        pg: Cluster, tmp_path: Path) -> None:
+    from slotproxy.cluster import free_port
+
+    port = free_port()
+    path = tmp_path / "live.toml"
+    text = (f'[proxy]\nlisten = "127.0.0.1:{port}"\n[backend]\nhost = "{pg.host}"\nport = {pg.port}\n'
+            '[admission]\nmax_backend_slots = 1\nqueue_timeout = 60\n')
+    path.write_text(text)
+    proc = await asyncio.create_subprocess_exec(*SLOTPROXY, "run", "--config", str(path), "--log-level",
+                                                "debug", stderr=asyncio.subprocess.PIPE)
+    p = ProxyProcess(proc)
+    try:
+        await wait_until(lambda: p.port, "the proxy to listen")
+        first = await p.connect()
+        waiters = [asyncio.create_task(p.connect()) for _ in range(2)]
+        await wait_until(lambda: p.log().count("queued (class default)") == 2, "two clients queued")
+
+        path.write_text(text.replace("max_backend_slots = 1", "max_backend_slots = 3"))
+        proc.send_signal(signal.SIGHUP)
+        second, third = await asyncio.wait_for(asyncio.gather(*waiters), 10)  # admitted at once
+        assert "admission.max_backend_slots 1 -> 3" in p.log()
+
+        path.write_text(text.replace("max_backend_slots = 1", "max_backend_slots = -4"))
+        proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: "reload failed" in p.log(), "the failed reload in the log")
+        assert "admission.max_backend_slots: must be >= 1, got -4" in p.log()
+        fourth = asyncio.create_task(p.connect())
+        await wait_until(lambda: p.log().count("queued (class default)") == 3,
+                         "the old limit of 3 still holding the fourth client")
+        for conn in (first, second, third):  # no session was dropped by either reload
+            assert await conn.fetchval("select 1") == 1
+        await first.close()
+        await (await asyncio.wait_for(fourth, 10)).close()
+        for conn in (second, third):
+            await conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert await p.wait_exit() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_two_workers_share_the_port_and_serve_a_burst(pg: Cluster, tmp_path: Path) -> None:
+    from slotproxy.cluster import free_port
+
+    port = free_port()
+    path = tmp_path / "workers.toml"
+    path.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\nworkers = 2\n'
+                    f'[backend]\nhost = "{pg.host}"\nport = {pg.port}\n'
+                    '[admission]\nmax_backend_slots = 4\nqueue_timeout = 60\n')
+    proc = await asyncio.create_subprocess_exec(*SLOTPROXY, "run", "--config", str(path),
+                                                stderr=asyncio.subprocess.PIPE)
+    p = ProxyProcess(proc)
+    p.port = port
+    try:
+        await wait_until(lambda: p.log().count(f"listening on 127.0.0.1:{port}") == 2,
+                         "both workers listening")
+        assert "W0 " in p.log() and "W1 " in p.log()
+        outcomes = await asyncio.gather(*(one_client("127.0.0.1", port, "app", "postgres", hold=0.1)
+                                          for _ in range(40)))
+        assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
+        admitted = [line for line in p.lines if "admitted after" in line]
+        assert len(admitted) == 40
+        assert any(line.startswith("W0 ") for line in admitted) and \
+            any(line.startswith("W1 ") for line in admitted), "both workers accepted clients"
+        proc.send_signal(signal.SIGTERM)
+        assert await p.wait_exit() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_json_logs_carry_the_connection_fields(pg: Cluster, start_proxy: Any) -> None:
+    p = await start_proxy(pg, "--log-format", "json")
+    conn = await p.connect(server_settings={"application_name": "shipper"})
+    await conn.close()
+    await wait_until(lambda: "admitted after" in p.log(), "the admission line")
+    entries = [json.loads(line) for line in p.lines if line.startswith("{")]
+    assert len(entries) == len(p.lines), "every line is one JSON object"
+    [admitted] = [e for e in entries if "admitted after" in e["message"]]
+    assert admitted["user"] == "app" and admitted["database"] == "postgres"
+    assert admitted["application_name"] == "shipper" and admitted["level"] == "info"
+    assert admitted["client"].startswith("127.0.0.1:") and isinstance(admitted["conn"], int)
+
+
+async def test_hash_password_makes_a_verifier_postgresql_accepts(pg: Cluster) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *SLOTPROXY, "hash-password", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate("tëst pass\n".encode())
+    verifier = out.decode().strip()
+    assert proc.returncode == 0 and verifier.startswith("SCRAM-SHA-256$4096:")
+    # The same derivation as the server's: a role with it as its stored password logs in.
+    pg.psql(f"create role hashed login password '{verifier}'")
+    pg.psql("select 1")
+    hba = pg.datadir / "pg_hba.conf"
+    hba.write_text("host all hashed 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+    pg.psql("select pg_reload_conf()")
+    conn = await asyncpg.connect(host=pg.host, port=pg.port, user="hashed", password="tëst pass",
+                                 database="postgres")
+    assert await conn.fetchval("select current_user") == "hashed"
+    await conn.close()
+
+
+async def test_status_command_prints_who_waits(pg: Cluster, start_proxy: Any) -> None:
+    p = await start_proxy(pg, "--max-backend-slots", "1", "--log-level", "debug",
+                          config='[admin]\nlisten = "127.0.0.1:0"\n')
+    await wait_until(lambda: "admin endpoints on" in p.log(), "the admin address in the log")
+    admin = re.search(r"admin endpoints on (127\.0\.0\.1:\d+)", p.log()).group(1)
+    holder = await p.connect()
+    waiter = asyncio.create_task(p.connect(server_settings={"application_name": "month-end"}))
+    await wait_until(lambda: "queued (class default)" in p.log(), "the second client queued")
+
+    code, out, _ = await run_cli("status", "--admin", admin)
+    assert code == 0 and "WAITING (1)" in out and "month-end" in out and "SESSIONS (1)" in out
+    code, out, _ = await run_cli("status", "--admin", admin, "--json")
+    assert code == 0 and json.loads(out)["waiting"][0]["application_name"] == "month-end"
+    await holder.close()
+    await (await waiter).close()
+    code, _, err = await run_cli("status", "--admin", "127.0.0.1:1")
+    assert code == 1 and "cannot read http://127.0.0.1:1/status" in err

@@ -1,0 +1,216 @@
+"""Seeing and steering the proxy: metrics, status, health, the console, reload, pause."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from slotproxy import config
+from slotproxy.cluster import Cluster
+from slotproxy.scram import Verifier
+from slotproxy.server import Proxy
+
+from .conftest import wait_until
+
+OPS_PASSWORD = "correct horse battery staple"
+
+
+def at(proxy: Proxy) -> dict[str, Any]:
+    a = proxy.addresses[0]
+    return {"host": a.host, "port": a.port}
+
+
+async def http_get(proxy: Proxy, path: str) -> tuple[int, str]:
+    url = f"http://{proxy.admin.address}{path}"
+
+    def get() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    return await asyncio.get_running_loop().run_in_executor(None, get)
+
+
+async def metrics(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    _, text = await http_get(proxy, "/metrics")
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def total(values: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in values.items()
+               if n == name and all(dict(ls).get(k) == want for k, want in labels.items()))
+
+
+async def client(proxy: Proxy, hold: float, app: str = "burst") -> str | None:
+    """Connect, hold the session, close: None when it went well, else the SQLSTATE seen."""
+    try:
+        conn = await asyncpg.connect(**at(proxy), user="app", database="postgres", timeout=60,
+                                     server_settings={"application_name": app})
+    except asyncpg.PostgresError as e:
+        return e.sqlstate
+    await conn.execute("select pg_sleep($1)", hold)
+    await conn.close()
+    return None
+
+
+ADMIN = {"listen": "127.0.0.1:0"}
+
+
+async def test_metrics_follow_a_burst(pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg, admin=ADMIN, admission={"max_backend_slots": 3, "max_queue": 20,
+                                                            "queue_timeout": 30})
+    burst = [asyncio.create_task(client(proxy, hold=0.2)) for _ in range(30)]
+    peak = 0.0
+    while not all(t.done() for t in burst):
+        peak = max(peak, total(await metrics(proxy), "slotproxy_clients_waiting"))
+    seen = [t.result() for t in burst]
+    after = await metrics(proxy)
+
+    assert peak > 0, "the scrapes saw clients waiting"
+    assert total(after, "slotproxy_clients_waiting") == 0
+    admitted = seen.count(None)
+    assert admitted + seen.count("53300") == 30
+    assert total(after, "slotproxy_admission_wait_seconds_count") == admitted
+    assert total(after, "slotproxy_clients_admitted_total") == admitted
+    assert total(after, "slotproxy_clients_refused_total", reason="queue_full", sqlstate="53300") \
+        == seen.count("53300") > 0
+    assert total(after, "slotproxy_bytes_relayed_total", direction="to_client") > 0
+    assert total(after, "slotproxy_capacity") == 3
+
+
+async def test_status_lists_a_waiting_client(pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg, admin=ADMIN, admission={"max_backend_slots": 1})
+    holder = await asyncpg.connect(**at(proxy), user="app", database="postgres")
+    waiting = asyncio.create_task(client(proxy, hold=0, app="nightly-report"))
+    await wait_until(lambda: proxy.gate.admission.waiting == 1, "a client waiting")
+
+    code, body = await http_get(proxy, "/status")
+    status = json.loads(body)
+    assert code == 200
+    [waiter] = status["waiting"]
+    assert (waiter["user"], waiter["database"], waiter["application_name"], waiter["class"]) == \
+        ("app", "postgres", "nightly-report", "default")
+    assert waiter["waited"] >= 0
+    [session] = status["sessions"]
+    assert session["state"] == "idle" and session["backend_pid"] > 0
+    assert status["servers"][0]["own"] == 1 and status["servers"][0]["waiting"] == 1
+
+    await holder.close()
+    assert await waiting is None
+
+
+async def test_health_never_touches_the_server_and_ready_does(pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg, admin=ADMIN)
+    assert await http_get(proxy, "/health") == (200, "ok\n")
+    code, body = await http_get(proxy, "/ready")
+    assert code == 200 and json.loads(body)["ready"] is True
+
+    await asyncio.get_running_loop().run_in_executor(None, pg.stop)
+    assert await http_get(proxy, "/health") == (200, "ok\n")
+    code, body = await http_get(proxy, "/ready")
+    assert code == 503 and "not reachable" in json.loads(body)["reasons"][0]
+    assert (await http_get(proxy, "/nope"))[0] == 404
+
+
+# -- the console ---------------------------------------------------------------------------------
+
+
+def console_admin() -> dict[str, Any]:
+    return {"users": {"ops": str(Verifier.make(OPS_PASSWORD))}}
+
+
+async def psql(proxy: Proxy, sql: str, password: str = OPS_PASSWORD, user: str = "ops") -> tuple[int, str]:
+    a = proxy.addresses[0]
+    proc = await asyncio.create_subprocess_exec(
+        "psql", "-X", "-w", "-h", a.host, "-p", str(a.port), "-U", user, "-d", "slotproxy", "-c", sql,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "PGPASSWORD": password})
+    out, _ = await proc.communicate()
+    return proc.returncode, out.decode()
+
+
+async def test_console_shows_rows_psql_prints(pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg, admin=console_admin(), admission={"max_backend_slots": 1})
+    holder = await asyncpg.connect(**at(proxy), user="app", database="postgres")
+    waiting = asyncio.create_task(client(proxy, hold=0, app="etl"))
+    await wait_until(lambda: proxy.gate.admission.waiting == 1, "a client waiting")
+    server = f"127.0.0.1:{pg.port}"
+
+    code, out = await psql(proxy, "SHOW QUEUE")
+    assert code == 0 and "etl" in out and "(1 row)" in out
+    code, out = await psql(proxy, "show sessions;")
+    assert code == 0 and " idle " in out and "(1 row)" in out
+    code, out = await psql(proxy, "SHOW CAPACITY")
+    assert code == 0 and server in out and "(1 row)" in out
+    code, out = await psql(proxy, "SHOW CLASSES")
+    assert code == 0 and "default" in out
+    code, out = await psql(proxy, "SHOW CONFIG")
+    assert code == 0 and "admission.max_backend_slots" in out and "SCRAM-SHA-256$" not in out
+    code, out = await psql(proxy, "DROP TABLE x")
+    assert code == 1 and "unknown slotproxy console command" in out
+    assert len(proxy.gate.admission.holders) == 1, "the console never takes a server slot"
+
+    await holder.close()
+    assert await waiting is None
+
+
+async def test_console_refuses_a_wrong_password_with_28P01(pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg, admin=console_admin())
+    for user in ("ops", "nobody"):  # a wrong password and an unknown user look alike
+        code, out = await psql(proxy, "SHOW QUEUE", password="wrong", user=user)
+        assert code == 2 and f'FATAL:  password authentication failed for user "{user}"' in out
+    with pytest.raises(asyncpg.InvalidPasswordError) as refused:
+        await asyncpg.connect(**at(proxy), user="ops", password="wrong", database="slotproxy")
+    assert refused.value.sqlstate == "28P01"
+
+
+async def test_pause_holds_new_clients_and_resume_releases_them(pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg, admin=console_admin())
+    live = await asyncpg.connect(**at(proxy), user="app", database="postgres")
+    assert (await psql(proxy, "PAUSE postgres"))[0] == 0
+    held = [asyncio.create_task(client(proxy, hold=0)) for _ in range(5)]
+    await wait_until(lambda: proxy.gate.admission.waiting == 5, "five clients held by the pause")
+    assert await live.fetchval("select 1") == 1, "a live session goes on during a pause"
+    assert (await psql(proxy, "RESUME"))[0] == 0
+    assert await asyncio.gather(*held) == [None] * 5
+    await live.close()
+
+
+async def test_console_reload_applies_a_new_file(pg: Cluster, tmp_path: Path) -> None:
+    path = tmp_path / "slotproxy.toml"
+    text = (f'[proxy]\nlisten = "127.0.0.1:0"\n[backend]\nhost = "{pg.host}"\nport = {pg.port}\n'
+            f'[admin]\ntrust_loopback = true\n[admission]\nmax_backend_slots = 1\n')
+    path.write_text(text)
+    proxy = Proxy(config.load(str(path)), path=str(path))
+    await proxy.start()
+    try:
+        holder = await asyncpg.connect(**at(proxy), user="app", database="postgres")
+        waiting = asyncio.create_task(client(proxy, hold=0))
+        await wait_until(lambda: proxy.gate.admission.waiting == 1, "a client waiting")
+        path.write_text(text.replace("max_backend_slots = 1", "max_backend_slots = 2"))
+        code, out = await psql(proxy, "RELOAD", user="anyone")
+        assert code == 0 and "admission.max_backend_slots 1 -> 2" in out
+        assert await asyncio.wait_for(waiting, 5) is None, "the larger limit admits the waiter at once"
+        path.write_text(text.replace("max_backend_slots = 1", "max_backend_slots = 0"))
+        code, out = await psql(proxy, "RELOAD", user="anyone")
+        assert code == 1 and "admission.max_backend_slots: must be >= 1, got 0" in out
+        assert proxy.config.admission.max_backend_slots == 2, "the running configuration stays"
+        assert await holder.fetchval("select 1") == 1
+        await holder.close()
+    finally:
+        await proxy.abort()
