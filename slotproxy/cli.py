@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="S",
                         help="refresh every S seconds (default 2) until Ctrl-C")
 
+    health = sub.add_parser("health", help="exit 0 if the proxy's /health answers (container probes)")
+    where = health.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="FILE", help="find the admin endpoints in [admin] listen")
+    where.add_argument("--admin", metavar="HOST:PORT", help="the admin endpoints' address")
+
     hashing = sub.add_parser("hash-password",
                              help="make a SCRAM-SHA-256 verifier for [admin] users (no password is stored)")
     hashing.add_argument("--iterations", type=int, default=4096, help="default 4096, as PostgreSQL")
@@ -117,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             from .statuscli import show
 
             return show(args.config, args.admin, args.json, args.watch)
+        if args.command == "health":
+            from .statuscli import health
+
+            return health(args.config, args.admin)
         if args.command == "hash-password":
             return _hash_password(args.iterations)
         if args.command == "demo":

@@ -71,6 +71,17 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def health(config_path: str | None, admin: str | None) -> int:
+    """GET /health: 0 when the proxy answers, 1 when it does not (for HEALTHCHECK and probes)."""
+    address = _admin_address(config_path, admin)
+    try:
+        with urllib.request.urlopen(f"http://{address}/health", timeout=3) as response:
+            return 0 if response.status == 200 else 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"slotproxy: http://{address}/health: {e}", file=sys.stderr)
+        return 1
+
+
 def show(config_path: str | None, admin: str | None, as_json: bool, watch: float | None) -> int:
     address = _admin_address(config_path, admin)
     try:
