@@ -9,12 +9,15 @@ that is not such a refusal on belongs to the client and is relayed as is.
 from __future__ import annotations
 
 import asyncio
+import ssl
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Address
 from .errors import ProtocolError
 from .timeouts import deadline
+from .tlsconfig import ServerTLS
 from .wire import MessageFramer, parse_fields
 
 # SQLSTATEs that mean "no session for you right now", sent before any authentication.
@@ -23,6 +26,7 @@ RETRYABLE_SQLSTATES = frozenset({
     "57P03",  # cannot_connect_now: starting up, shutting down, in recovery
 })
 
+_INT32 = struct.Struct("!i")
 _ERROR = ord("E")
 _NEGOTIATE = ord("v")
 _AUTH = ord("R")
@@ -43,6 +47,10 @@ class ConnectFailed(Exception):
     @property
     def unreachable(self) -> bool:
         return self.sqlstate is None
+
+
+class ServerTLSFailed(Exception):
+    """TLS with the server was required and could not be set up: not worth retrying."""
 
 
 @dataclass(slots=True)
@@ -73,11 +81,22 @@ class _FirstAnswer(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.auth_ok = False
         self.closed: asyncio.Future[None] = result.get_loop().create_future()
+        self.ssl_answer: asyncio.Future[bytes] | None = None  # while the SSLRequest awaits its byte
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        answer = self.ssl_answer
+        if answer is not None and not answer.done():
+            if data[:1] == b"S" and len(data) > 1:
+                # Bytes before the TLS handshake would be taken for encrypted ones (CVE-2021-23222).
+                answer.set_exception(ServerTLSFailed("the server sent unencrypted data after 'S'"))
+            else:
+                answer.set_result(data[:1])
+                if len(data) > 1:  # an 'E' from a server too old to know SSLRequest
+                    self.data_received(data[1:])
+            return
         self.received += data
         if self.result.done():
             return
@@ -122,23 +141,56 @@ class _FirstAnswer(asyncio.Protocol):
 
 async def connect(address: Address, first_bytes: bytes, timeout: float, task: asyncio.Task,
                   on_connected: Callable[[asyncio.Transport], None] | None = None,
-                  retry: bool = True) -> Answered:
+                  retry: bool = True, tls: ServerTLS | None = None,
+                  passthrough: str | None = None) -> Answered:
     """Connect, send `first_bytes` (the startup packet and what followed), await the answer.
 
     `task` is the caller's own task (cancelled if the attempt takes longer than
     `timeout`). `on_connected` sees the transport as soon as the TCP connection is up.
-    Raises ConnectFailed when the attempt may be retried later; with `retry`
-    false, only when the server cannot be reached (its refusals are answers).
+    With `tls`, the connection is encrypted first, as libpq's sslmode says. With
+    `passthrough`, `first_bytes` are a client's own TLS records: sent as they are
+    after the server's 'S' ("ssl") or at once ("direct", PostgreSQL 17 direct TLS);
+    everything after is the client's business.
+    Raises ConnectFailed when the attempt may be retried later (with `retry`
+    false, only when the server cannot be reached: its refusals are answers), and
+    ServerTLSFailed when the TLS that was asked for cannot be had.
     """
     loop = task.get_loop()
     result: asyncio.Future[bytearray] = loop.create_future()
     transport: asyncio.Transport | None = None
     try:
         async with deadline(loop, task, loop.time() + timeout):
-            transport, _ = await loop.create_connection(
+            transport, protocol = await loop.create_connection(
                 lambda: _FirstAnswer(result, retry), address.host, address.port)
             if on_connected is not None:
                 on_connected(transport)
+            if passthrough == "direct":
+                transport.write(first_bytes)
+                transport.pause_reading()
+                return Answered(transport, bytearray())
+            if passthrough or tls is not None:
+                answer = await _ssl_request(loop, transport, protocol)
+                if passthrough:
+                    if answer != b"S":
+                        raise ServerTLSFailed("the server does not accept TLS (any more)")
+                    transport.write(first_bytes)
+                    transport.pause_reading()
+                    return Answered(transport, bytearray())
+                if answer == b"S":
+                    try:
+                        transport = await loop.start_tls(  # type: ignore[assignment]
+                            transport, protocol, tls.context, server_hostname=address.host)  # type: ignore[union-attr]
+                    except ssl.SSLError as e:
+                        if tls.required:  # type: ignore[union-attr]
+                            raise ServerTLSFailed(f"TLS handshake failed: {e.reason or e}") from None
+                        transport.abort()  # prefer: on without TLS, as libpq does
+                        return await connect(address, first_bytes, timeout, task, on_connected, retry)
+                    protocol.transport = transport
+                    if on_connected is not None:
+                        on_connected(transport)
+                elif tls.required:  # type: ignore[union-attr]
+                    raise ServerTLSFailed(
+                        f"the server does not accept TLS (backend.sslmode = {tls.sslmode})")  # type: ignore[union-attr]
             transport.write(first_bytes)
             received = await result
     except TimeoutError:
@@ -149,14 +201,56 @@ async def connect(address: Address, first_bytes: bytes, timeout: float, task: as
         if transport is not None:
             transport.abort()
         raise ConnectFailed(e.strerror or str(e)) from None
+    except ServerTLSFailed:
+        if transport is not None:
+            transport.abort()
+        raise
     except BaseException:
         # Given up on (client gone, deadline): tell the server with EOF, so that a
         # backend already started exits; the caller waits for it via `closed`.
         if transport is not None and not transport.is_closing():
             transport.resume_reading()
-            transport.write_eof()
+            half_close(transport)
         raise
     return Answered(transport, received)
+
+
+SSL_REQUEST = _INT32.pack(8) + _INT32.pack(80877103)
+
+
+async def _ssl_request(loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
+                       protocol: _FirstAnswer) -> bytes:
+    """Send SSLRequest and return the server's one-byte answer."""
+    protocol.ssl_answer = loop.create_future()
+    transport.write(SSL_REQUEST)
+    answer = await protocol.ssl_answer
+    if answer not in (b"S", b"N"):
+        raise ServerTLSFailed(f"the server answered SSLRequest with {answer!r}")
+    return answer
+
+
+def half_close(transport: asyncio.Transport) -> None:
+    """EOF to the server, reading on: a TLS transport has no half-close, so it closes."""
+    if transport.can_write_eof():
+        transport.write_eof()
+    else:
+        transport.close()
+
+
+async def probe_tls(address: Address, timeout: float) -> bool | None:
+    """Whether the server answers SSLRequest with 'S' (None: it could not be asked)."""
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[bytearray] = loop.create_future()
+    try:
+        async with asyncio.timeout(timeout):
+            transport, protocol = await loop.create_connection(
+                lambda: _FirstAnswer(result, False), address.host, address.port)
+            try:
+                return await _ssl_request(loop, transport, protocol) == b"S"
+            finally:
+                transport.close()
+    except (OSError, TimeoutError, ServerTLSFailed):
+        return None
 
 
 class _CancelSender(asyncio.Protocol):

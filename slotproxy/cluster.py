@@ -119,11 +119,19 @@ class Template:
         settings: Mapping[str, str | int] | None = None,
         hba: str | None = None,
         auth_method: str = "trust",
+        files: Mapping[str, bytes] | None = None,
     ) -> Cluster:
-        """A new cluster copied from this template (not started yet)."""
+        """A new cluster copied from this template (not started yet).
+
+        `files` are written into its data directory (a TLS key and certificate,
+        say), readable by the server's account alone.
+        """
         self._counter += 1
         datadir = self.base / f"c{self._counter}"
         shutil.copytree(self.datadir, datadir, symlinks=True)
+        for name, content in (files or {}).items():
+            (datadir / name).write_bytes(content)
+            (datadir / name).chmod(0o600)
         _chown_tree(datadir, self.account)
         datadir.chmod(0o700)
         return Cluster(self, datadir, max_connections=max_connections,

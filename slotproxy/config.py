@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import ipaddress
 import math
+import os
 import tomllib
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -171,6 +172,30 @@ def _is_verifier(text: str) -> bool:
     return parts[0].split(":")[0].isdigit()
 
 
+def choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+        return value
+    return parse
+
+
+def file_path(value: Any) -> str:
+    """A readable file, or "" for none."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a file path, got {_type_name(value)}")
+    if value and not os.access(value, os.R_OK):
+        raise ValueError(f"cannot read {value!r}")
+    return value
+
+
+def root_cert(value: Any) -> str:
+    return value if value == "system" else file_path(value)
+
+
+SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+
+
 def flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {_type_name(value)} ({value!r})")
@@ -200,6 +225,11 @@ class BackendConfig:
     port: int = key(5432, port, "PostgreSQL server port")
     connect_timeout: float = key(5.0, seconds,
                                  "seconds for one connection attempt, up to the server's first answer")
+    sslmode: str = key("prefer", choice(*SSLMODES),
+                       "TLS towards the server, as libpq's sslmode: disable, prefer, require, "
+                       "verify-ca, verify-full")
+    sslrootcert: str = key("", root_cert,
+                           "CA file (PEM) to verify the server's certificate, or \"system\"")
 
     @property
     def address(self) -> Address:
@@ -288,6 +318,17 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSConfig:
+    client_tls: str = key("disable", choice("disable", "allow", "require", "passthrough"),
+                          "TLS towards clients: disable, allow, require, or passthrough "
+                          "(relayed unchanged to the server)")
+    cert_file: str = key("", file_path, "certificate chain (PEM) the proxy shows TLS clients")
+    key_file: str = key("", file_path, "its private key (PEM)")
+    ca_file: str = key("", file_path,
+                       "CA (PEM) that client certificates must chain to, when a client presents one")
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Address | None = key(None, admin_address,
                                  "address of /metrics, /status, /health, /ready: \"HOST:PORT\" "
@@ -303,6 +344,7 @@ class Config:
     backend: BackendConfig = BackendConfig()
     admission: AdmissionConfig = AdmissionConfig()
     monitor: MonitorConfig = MonitorConfig()
+    tls: TLSConfig = TLSConfig()
     admin: AdminConfig = AdminConfig()
     databases: tuple[RouteConfig, ...] = ()
     backend_given: bool = False  # [backend] or --backend was set, not only defaulted
@@ -331,7 +373,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {
     name: hint for name, hint in typing.get_type_hints(Config).items()
-    if name in ("proxy", "backend", "admission", "monitor", "admin")
+    if name in ("proxy", "backend", "admission", "monitor", "tls", "admin")
 }
 KNOWN_SECTIONS = (*SECTIONS, "databases")
 
@@ -433,6 +475,16 @@ def from_mapping(data: Mapping[str, Any], source: str, overrides: Iterable[Overr
         routes = tuple(_parse_route(name, value, origin, backend)
                        for name, (origin, value) in sections["databases"].items())
     config = Config(**built, databases=routes, backend_given="backend" in sections, source=source)
+    tls = config.tls
+    if tls.client_tls in ("allow", "require"):
+        for name in ("cert_file", "key_file"):
+            if not getattr(tls, name):
+                raise ConfigError(origins.get("tls.client_tls", source), f"tls.{name}",
+                                  f"client_tls = \"{tls.client_tls}\" needs a certificate and its key")
+    if config.backend.sslmode in ("verify-ca", "verify-full") and not config.backend.sslrootcert:
+        raise ConfigError(origins.get("backend.sslmode", source), "backend.sslrootcert",
+                          f"sslmode = \"{config.backend.sslmode}\" needs a CA file to verify "
+                          "the server with (or \"system\")")
     if config.admission.max_backend_slots == AUTO and not config.monitor.dsn:
         raise ConfigError(origins["admission.max_backend_slots"], "admission.max_backend_slots",
                           "\"auto\" needs a monitor to find the free slots: set [monitor] dsn")

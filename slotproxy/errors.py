@@ -32,6 +32,11 @@ class Reason(enum.Enum):
     # Ends without an answer of ours.
     CLIENT_GONE = "client_gone"  # hung up before its session began
     TLS_UNSUPPORTED = "tls_unsupported"  # direct-TLS hello while TLS is off
+    TLS_FAILED = "tls_failed"  # the TLS handshake with the client failed
+    TLS_REQUIRED = "tls_required"  # a plain-text client while tls.client_tls = "require"
+    SERVER_TLS = "server_tls"  # TLS with the server was required and could not be had
+    TOO_MANY_CLIENTS = "too_many_clients"  # proxy.max_clients or the per-address cap
+    CANCEL_DROPPED = "cancel_dropped"  # over the cancel rate limit
     CANCEL_FORWARDED = "cancel_forwarded"
     CANCEL_UNKNOWN = "cancel_unknown"
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SESSION_STATES = (wire.STARTING, wire.ACTIVE, wire.IDLE, wire.IDLE_IN_TRANSACTION,
-                  wire.IDLE_IN_FAILED_TRANSACTION)
+                  wire.IDLE_IN_FAILED_TRANSACTION, wire.PASSTHROUGH)
 
 
 class Stats:

@@ -179,7 +179,10 @@ class Relay:
         # Keep reading until the server closes, so we know its slot is free.
         self.server.set_protocol(_Drain(self))
         self.server.resume_reading()
-        self.server.write_eof()
+        if self.server.can_write_eof():
+            self.server.write_eof()
+        else:
+            self.server.close()  # TLS: close_notify, and its connection_lost once the server closes
 
     def _server_gone(self) -> None:
         if self._server_left:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import config as configuration
+from . import tlsconfig
 from .capacity import Snapshot
 from .config import Address, Config, Override
 from .endpoints import AdminEndpoints
@@ -65,6 +66,9 @@ class Proxy:
         self.broadcast: Callable[[str, tuple[str, ...]], None] | None = None
         self.stats = Stats()
         self.router = Router(config)
+        self.client_ssl = tlsconfig.client_context(config.tls, config.source)
+        self.client_cert = tlsconfig.leaf_certificate(config.tls)
+        self.server_tls = tlsconfig.server_tls(config.backend, config.source)
         primary = config.backend.address
         self.upstreams: dict[Address, Upstream] = {
             address: Upstream(config, address, self.stats,
@@ -230,7 +234,11 @@ class Proxy:
         new = dataclasses.replace(
             new, proxy=dataclasses.replace(new.proxy, listen=old.proxy.listen, workers=old.proxy.workers),
             admin=dataclasses.replace(new.admin, listen=old.admin.listen))
+        client_ssl = tlsconfig.client_context(new.tls, new.source)  # new certificate files
+        server_tls = tlsconfig.server_tls(new.backend, new.source)
         self.config = new
+        self.client_ssl, self.server_tls = client_ssl, server_tls
+        self.client_cert = tlsconfig.leaf_certificate(new.tls)
         self.router = Router(new)
         for address in self.router.servers:
             dsn = monitor_dsn(new.monitor.dsn, address, new.backend.address) if new.monitor.dsn else None

@@ -15,11 +15,13 @@ session is relayed.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import enum
 import logging
+import ssl
 from typing import TYPE_CHECKING, Any
 
-from . import backend, console, wire
+from . import backend, console, tlsconfig, wire
 from .admission import State, Ticket
 from .errors import ClientError, ProtocolError, Reason
 from .monitor import normalize_host
@@ -61,6 +63,8 @@ class Handshake(asyncio.Protocol):
         self.early = bytearray()
         self.session: Session | None = None
         self.discarding = False  # refused for sending too much: read on, keep nothing
+        self.waiting = False  # the session decides on an SSLRequest: parse nothing more yet
+        self.raw = False  # TLS passthrough: every byte is the client's, kept for the server
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -71,20 +75,42 @@ class Handshake(asyncio.Protocol):
         assert session is not None
         if self.discarding:
             return
-        if self.reader.finished:
+        if self.raw or self.reader.finished:
             self._keep(data)
             return
         self.reader.feed(data)
+        if not self.waiting:
+            self._parse()
+
+    def _parse(self) -> None:
+        session = self.session
+        assert session is not None
         try:
             while (event := self.reader.next_event()) is not wire.NEED_DATA:
-                if isinstance(event, (wire.SSLRequest, wire.GSSENCRequest)):
+                if isinstance(event, wire.GSSENCRequest) or (
+                        isinstance(event, wire.SSLRequest) and not session.tls_possible):
                     self.transport.write(wire.NOT_SUPPORTED)
                     continue
+                if isinstance(event, wire.SSLRequest):
+                    self.waiting = True  # the session answers it
+                    session.first_packet(event)
+                    return
                 session.first_packet(event)
-                self._keep(self.reader.take_trailing())
+                if not isinstance(event, wire.DirectTLS):  # its bytes stay in the reader
+                    self._keep(self.reader.take_trailing())
                 return
         except ProtocolError as e:
             session.abort(e)
+
+    def resume(self, transport: asyncio.Transport | None = None,
+               reader: wire.StartupReader | None = None) -> None:
+        """Go on after an SSLRequest was answered (on a TLS transport, with a fresh reader)."""
+        if transport is not None:
+            self.transport = transport
+        if reader is not None:
+            self.reader = reader
+        self.waiting = False
+        self._parse()
 
     def _keep(self, data: bytes) -> None:
         if not data:
@@ -133,6 +159,8 @@ class Session:
         self.cls: ClassConfig | None = None
         self.bypass = False
         self.reclaiming = False
+        self.tls = False  # the proxy ended the client's TLS
+        self.passthrough: str | None = None  # "ssl" or "direct": the client's TLS goes to the server
         self.backend_key: tuple[int, bytes] | None = None
         self._backend_transport: asyncio.Transport | None = None
         self._endpoint: tuple[str, int] | None = None
@@ -164,6 +192,11 @@ class Session:
         addr = f"[{self.client_addr}]" if ":" in self.client_addr else self.client_addr
         who = f" {self.user}@{self.database}" if self.startup else ""
         return f"C-{self.id}{who} {addr}:{self.client_port}"
+
+    @property
+    def tls_possible(self) -> bool:
+        """Whether an SSLRequest may get 'S' (else it gets 'N' at once)."""
+        return self.proxy.config.tls.client_tls != "disable"
 
     # -- events from the client's protocol --------------------------------------
 
@@ -230,7 +263,7 @@ class Session:
         loop = self.loop
         try:
             async with deadline(loop, self.task, loop.time() + config.proxy.startup_timeout):
-                event = await self._first
+                event = await self._negotiate()
         except TimeoutError:
             if self.handshake.reader.pending:
                 raise ClientError(
@@ -241,14 +274,18 @@ class Session:
                            config.proxy.startup_timeout)
             self._finish(Reason.STARTUP_TIMEOUT)
             return
+        if event is None:
+            return
+        if isinstance(event, str):
+            await self._pass_through(event)
+            return
         if isinstance(event, wire.CancelRequest):
             await self._forward_cancel(event)
             self._finish(self.reason)  # type: ignore[arg-type]
             return
-        if isinstance(event, wire.DirectTLS):
-            self.log.info("direct TLS connection closed: TLS is not enabled")
-            self._finish(Reason.TLS_UNSUPPORTED)
-            return
+        if config.tls.client_tls == "require" and not self.tls:
+            raise ClientError(Reason.TLS_REQUIRED, "28000",
+                              "slotproxy requires TLS: connect with sslmode=require or stricter")
         self.startup = event
         if event.database == console.DATABASE:
             self.phase = Phase.CONSOLE  # answered by the proxy itself: no server slot
@@ -277,6 +314,94 @@ class Session:
             answered, sent = await self._admit()
         await self._relay(answered, sent)
 
+    async def _negotiate(self) -> Any:
+        """The client's first packets up to its StartupMessage or CancelRequest.
+
+        Answers SSLRequest, sets up TLS. Returns the packet, "ssl" or "direct" for
+        a client whose TLS passes through to the server, or None when it is over.
+        """
+        while True:
+            event = await self._first
+            if isinstance(event, wire.SSLRequest):
+                if self.handshake.reader.pending:
+                    # Bytes sent before our answer would pass for encrypted ones (CVE-2021-23214).
+                    raise ProtocolError("received unencrypted data after SSL request")
+                mode = self.proxy.config.tls.client_tls
+                if mode == "passthrough":
+                    if await self.proxy.primary.accepts_tls():
+                        self.transport.write(b"S")
+                        self.handshake.raw = True
+                        return "ssl"
+                    self.transport.write(wire.NOT_SUPPORTED)
+                    reader = None
+                else:
+                    self.transport.write(b"S")
+                    if not await self._start_tls(b""):
+                        return None
+                    reader = self.handshake.reader
+                self._first = self.loop.create_future()
+                self.handshake.resume(self.transport, reader)
+                continue
+            if isinstance(event, wire.DirectTLS):
+                hello = self.handshake.reader.take_trailing()
+                mode = self.proxy.config.tls.client_tls
+                if mode == "passthrough":
+                    self.handshake.raw = True
+                    self.handshake.early += hello
+                    return "direct"
+                if mode == "disable":
+                    self.log.info("direct TLS connection closed: TLS is not enabled")
+                    self._finish(Reason.TLS_UNSUPPORTED)
+                    return None
+                # What comes decrypted is read by a fresh reader, parsed once TLS is up.
+                self.handshake.reader = wire.StartupReader(encrypted=True)
+                self.handshake.waiting = True
+                if not await self._start_tls(hello):
+                    return None
+                self._first = self.loop.create_future()
+                self.handshake.resume(self.transport)
+                continue
+            return event
+
+    async def _start_tls(self, hello: bytes) -> bool:
+        """End the client's TLS here; `hello` is a ClientHello already read (direct TLS)."""
+        context = self.proxy.client_ssl
+        assert context is not None
+        try:
+            if hello:
+                transport = await _start_tls_with(self.loop, self.transport, self.handshake, context, hello)
+            else:
+                transport = await self.loop.start_tls(self.transport, self.handshake, context,
+                                                      server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            self.log.info("TLS handshake failed: %s", getattr(e, "reason", None) or e)
+            self._finish(Reason.TLS_FAILED)
+            return False
+        tls = transport.get_extra_info("ssl_object")
+        if hello and tls.selected_alpn_protocol() != tlsconfig.ALPN:
+            # PostgreSQL 17 insists on it for direct TLS, against cross-protocol attacks.
+            self.log.info("direct TLS without ALPN %r: closed", tlsconfig.ALPN)
+            transport.close()
+            self._finish(Reason.TLS_FAILED)
+            return False
+        self.transport = transport  # type: ignore[assignment]
+        self.tls = True
+        return True
+
+    async def _pass_through(self, mode: str) -> None:
+        """The client's TLS goes to the server unchanged: admitted by the server's budget alone."""
+        self.passthrough = mode
+        upstream = self.proxy.primary
+        self.upstream = upstream
+        self.backend_address = upstream.address
+        # User and database are inside the TLS: only the address can pick a class.
+        self.cls = classify(self.proxy.config.class_list, "", "", "", self.client_addr)
+        if self.cls.bypass:
+            self.cls = self.proxy.config.class_list[-1]
+        self.ticket.lane = self.cls.name
+        answered, sent = await self._admit()
+        await self._relay(answered, sent)
+
     async def _connect_directly(self, why: str) -> tuple[backend.Answered, int]:
         """A bypass lane: no queue, no retries; whatever the server says reaches the client."""
         self.phase = Phase.CONNECTING
@@ -286,11 +411,13 @@ class Session:
             answered = await backend.connect(
                 self.backend_address, self.packet + self.handshake.early,  # type: ignore[arg-type]
                 self.proxy.config.backend.connect_timeout, self.task,  # type: ignore[arg-type]
-                self._connected, retry=False)
+                self._connected, retry=False, tls=self.proxy.server_tls)
         except backend.ConnectFailed as e:
             raise ClientError(
                 Reason.SERVER_UNREACHABLE, "08006",
                 f"slotproxy could not reach the server at {self.backend_address}: {e.what}") from None
+        except backend.ServerTLSFailed as e:
+            raise self._server_tls_error(e) from None
         waited = self.loop.time() - started
         self.proxy.stats.admit(str(self.backend_address), self.cls.name, waited)  # type: ignore[union-attr]
         self._decided(f"admitted without queueing ({why})", waited, 0)
@@ -323,7 +450,8 @@ class Session:
                         answered = await backend.connect(
                             upstream.address, self.packet + self.handshake.early,
                             config.backend.connect_timeout, self.task,  # type: ignore[arg-type]
-                            self._connected)
+                            self._connected, tls=None if self.passthrough else self.proxy.server_tls,
+                            passthrough=self.passthrough)
                     except backend.ConnectFailed as e:
                         failure = e
                         attempts += 1
@@ -340,6 +468,10 @@ class Session:
             error = self._deadline_error(loop.time() - started, failure, attempts)
             self._decided(f"refused ({error.reason.value})", loop.time() - started, attempts)
             raise error from None
+        except backend.ServerTLSFailed as e:
+            error = self._server_tls_error(e)
+            self._decided(f"refused ({error.reason.value})", loop.time() - started, attempts)
+            raise error from None
         except ClientError as e:
             self._decided(f"refused ({e.reason.value})", loop.time() - started, attempts)
             raise
@@ -350,6 +482,12 @@ class Session:
             elif self._client_gone:
                 self._decided("left: client hung up", loop.time() - started, attempts)
             raise
+
+    def _server_tls_error(self, e: backend.ServerTLSFailed) -> ClientError:
+        self.log.warning("TLS with the server at %s: %s", self.backend_address, e)
+        return ClientError(
+            Reason.SERVER_TLS, "08006", f"slotproxy could not set up TLS with the server at "
+            f"{self.backend_address}: {e} (backend.sslmode = {self.proxy.config.backend.sslmode})")
 
     def _connected(self, transport: asyncio.Transport) -> None:
         self._connecting = self._backend_transport = transport
@@ -396,18 +534,29 @@ class Session:
         self.phase = Phase.RELAYING
         self._connecting = None
         server = answered.transport
-        tracker = self.tracker = wire.SessionTracker(self.loop.time)
-        self.relay = relay = Relay(self.transport, server, loop=self.loop,
-                                   client_observer=tracker.from_client,
-                                   server_observer=self._startup_observer,
-                                   on_client_gone=self._client_left_session)
         early = self.handshake.early
-        tracker.from_client(bytes(early))
+        if self.passthrough:  # encrypted both ways: nothing to follow
+            self.relay = relay = Relay(self.transport, server, loop=self.loop)
+        else:
+            tracker = self.tracker = wire.SessionTracker(self.loop.time)
+            self.relay = relay = Relay(self.transport, server, loop=self.loop,
+                                       client_observer=tracker.from_client,
+                                       server_observer=self._startup_observer,
+                                       on_client_gone=self._client_left_session)
+            tracker.from_client(bytes(early))
         if len(early) > sent:
             server.write(early[sent:])  # arrived while we were connecting
         self.handshake.early = bytearray()
-        self._startup_observer(bytes(answered.received))
-        self.transport.write(answered.received)
+        received = bytes(answered.received)
+        if received:
+            server_tls = server.get_extra_info("ssl_object")
+            if self.tls and server_tls is not None and \
+                    server_tls.getpeercert(binary_form=True) != self.proxy.client_cert:
+                # The client would bind to our certificate, the server checks its own: only
+                # when they are the same certificate can SCRAM-SHA-256-PLUS work end to end.
+                received = wire.strip_scram_plus(received)
+            self._startup_observer(received)
+            self.transport.write(received)
         server.resume_reading()
 
         started = self.loop.time()
@@ -449,8 +598,11 @@ class Session:
     @property
     def state(self) -> str:
         """What the session is doing: its phase before relaying, then the tracker's state."""
-        if self.phase is Phase.RELAYING and self.tracker is not None:
-            return self.tracker.state
+        if self.phase is Phase.RELAYING:
+            if self.tracker is not None:
+                return self.tracker.state
+            if self.passthrough:
+                return wire.PASSTHROUGH
         return self.phase.value
 
     def reclaim(self, idle_for: float, limit: float, waiting: int) -> None:
@@ -494,6 +646,13 @@ class Session:
 
     async def _forward_cancel(self, request: wire.CancelRequest) -> None:
         target = self.proxy.cancel_keys.get((request.pid, request.key))
+        if target is None and self.proxy.config.tls.client_tls == "passthrough":
+            # Keys of passed-through sessions travel encrypted: the server checks this one.
+            self.reason = Reason.CANCEL_FORWARDED
+            self.log.info("forwarding cancel request for pid %d to %s (TLS passthrough)",
+                          request.pid, self.proxy.primary.address)
+            await asyncio.shield(self.proxy.spawn(self._send_cancel(self.proxy.primary.address, request.raw)))
+            return
         if target is None:
             self.reason = Reason.CANCEL_UNKNOWN
             self.proxy.unknown_cancels.warn(
@@ -516,8 +675,9 @@ class Session:
         if error.reason in (Reason.PROTOCOL_ERROR, Reason.STARTUP_TIMEOUT):
             self.log.warning("closing: %s", error.message)
         if not self.transport.is_closing():
-            self.transport.write(wire.error_response(
-                error.sqlstate, error.message, detail=error.detail, hint=error.hint))
+            if not self.passthrough:  # a passthrough client speaks TLS: it could not read it
+                self.transport.write(wire.error_response(
+                    error.sqlstate, error.message, detail=error.detail, hint=error.hint))
             self.transport.close()
 
     def _finish(self, reason: Reason) -> None:
@@ -547,6 +707,29 @@ class Session:
                 self.relay.close()
         elif not self.transport.is_closing():
             self.transport.close()
+
+
+async def _start_tls_with(loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
+                          protocol: asyncio.Protocol, context: ssl.SSLContext, hello: bytes) -> Any:
+    """loop.start_tls for a client whose ClientHello is already read (direct TLS).
+
+    asyncio's own SSL protocol takes the bytes read so far; the app transport it
+    makes is what start_tls would return.
+    """
+    waiter = loop.create_future()
+    tls = asyncio.sslproto.SSLProtocol(loop, protocol, context, waiter, server_side=True,
+                                       call_connection_made=False)
+    transport.set_protocol(tls)
+    tls.connection_made(transport)
+    view = memoryview(hello)
+    while view:
+        buffer = tls.get_buffer(len(view))
+        n = min(len(buffer), len(view))
+        buffer[:n] = view[:n]
+        tls.buffer_updated(n)
+        view = view[n:]
+    await waiter
+    return tls._app_transport  # what asyncio's start_tls returns
 
 
 async def _release_when_closed(gate: Gate, ticket: Ticket, transport: asyncio.Transport,

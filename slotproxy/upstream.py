@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from . import capacity, wire
+from . import backend, capacity, wire
 from .admission import Admission, Limits
 from .capacity import ServerView, Snapshot
 from .config import Address, Config
@@ -53,6 +53,7 @@ class Upstream:
         self._reaper: asyncio.Handle | None = None
         self._last_view: ServerView | None = None
         self._monitor_dsn = monitor_dsn
+        self._tls: tuple[float, bool] | None = None  # (when asked, whether it said 'S')
 
     async def start(self) -> None:
         if self.monitor is not None:
@@ -85,6 +86,16 @@ class Upstream:
         self.gate.update(self._limits(self.capacity))
         if self.gate.admission.waiting:
             self.client_waiting()  # idle timeouts may have been switched on
+
+    async def accepts_tls(self) -> bool:
+        """Whether the server answers SSLRequest with 'S' (asked again after a minute)."""
+        now = asyncio.get_running_loop().time()
+        if self._tls is None or now - self._tls[0] > 60:
+            answer = await backend.probe_tls(self.address, self.config.backend.connect_timeout)
+            if answer is None:
+                return bool(self._tls and self._tls[1])  # unreachable now: keep what it said last
+            self._tls = (now, answer)
+        return self._tls[1]
 
     async def stop(self) -> None:
         if self._reaper is not None:

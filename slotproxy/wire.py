@@ -100,13 +100,13 @@ class StartupReader:
     `take_trailing()` hands over whatever bytes followed.
     """
 
-    __slots__ = ("_buf", "_ssl_seen", "_gss_seen", "_packets", "finished")
+    __slots__ = ("_buf", "_gss_seen", "_packets", "_ssl_seen", "finished")
 
-    def __init__(self) -> None:
+    def __init__(self, encrypted: bool = False) -> None:
         self._buf = bytearray()
-        self._ssl_seen = False
-        self._gss_seen = False
-        self._packets = 0
+        # Inside TLS no negotiation may start again.
+        self._ssl_seen = self._gss_seen = encrypted
+        self._packets = 1 if encrypted else 0
         self.finished = False
 
     @property
@@ -351,9 +351,38 @@ class MessageFramer:
 
 
 
+def strip_scram_plus(data: bytes) -> bytes:
+    """Drop SCRAM-SHA-256-PLUS from an AuthenticationSASL at the start of `data`.
+
+    A client whose TLS the proxy ends would bind its SCRAM proof to the proxy's
+    certificate, which the server (on its own TLS connection) rejects.
+    """
+    pos = 0
+    while len(data) - pos >= 5:
+        mtype = data[pos]
+        (length,) = _INT32.unpack_from(data, pos + 1)
+        end = pos + 1 + length
+        if mtype == ord("v"):
+            pos = end  # NegotiateProtocolVersion may come first
+            continue
+        if mtype != ord("R") or end > len(data) or length < 8:
+            return data
+        (code,) = _INT32.unpack_from(data, pos + 5)
+        if code != 10:  # not AuthenticationSASL
+            return data
+        mechanisms = [m for m in bytes(data[pos + 9:end]).split(b"\0") if m]
+        kept = [m for m in mechanisms if m != b"SCRAM-SHA-256-PLUS"]
+        if kept == mechanisms:
+            return data
+        body = _INT32.pack(10) + b"".join(m + b"\0" for m in kept) + b"\0"
+        return bytes(data[:pos]) + b"R" + _INT32.pack(4 + len(body)) + body + bytes(data[end:])
+    return data
+
+
 # -- following a relayed session -----------------------------------------------------
 
 STARTING = "starting"
+PASSTHROUGH = "passthrough"  # encrypted end to end: the proxy cannot tell
 ACTIVE = "active"
 IDLE = "idle"
 IDLE_IN_TRANSACTION = "idle in transaction"
