@@ -190,10 +190,28 @@ def _check_config(path: str) -> int:
     return EXIT_OK
 
 
+def _raise_descriptor_limit(cfg: config.Config) -> None:
+    """Up to the hard limit, as a server with many sockets should; warn if still short."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    needed = 2 * cfg.proxy.max_clients + 64  # a client and its server each, and some to spare
+    if soft < needed:
+        logger.warning("file descriptor limit %d, but proxy.max_clients = %d may need %d: raise the "
+                       "limit (ulimit -n) or lower proxy.max_clients", soft, cfg.proxy.max_clients, needed)
+
+
 async def _serve(cfg: config.Config, path: str | None, overrides: list[config.Override],
                  transform: Any) -> int:
     from .server import Proxy
 
+    _raise_descriptor_limit(cfg)
     loop = asyncio.get_running_loop()
     proxy = Proxy(cfg, path=path, overrides=overrides, reuse_port=cfg.proxy.workers > 1,
                   transform=transform)

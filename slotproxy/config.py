@@ -217,6 +217,11 @@ class ProxyConfig:
                                   "seconds live sessions may go on after SIGTERM before they are closed")
     workers: int = key(1, integer(1, 64), "processes sharing the listen port (SO_REUSEPORT)",
                        reload=False)
+    max_clients: int = key(10000, integer(1),
+                           "client connections at once, waiting ones included; the next gets 53300")
+    max_clients_per_address: int = key(0, integer(0),
+                                       "client connections at once from one address (0: no cap)")
+    cancel_rate: int = key(100, integer(1), "cancel requests forwarded per second; the rest dropped")
 
 
 @dataclass(frozen=True, slots=True)

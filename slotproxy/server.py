@@ -7,6 +7,7 @@ passed in, never global: tests run as many proxies in one process as they like.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -18,8 +19,9 @@ from . import tlsconfig
 from .capacity import Snapshot
 from .config import Address, Config, Override
 from .endpoints import AdminEndpoints
-from .errors import ConfigError
+from .errors import ClientError, ConfigError, Reason
 from .gate import Gate
+from .listener import Listener
 from .metrics import ProxyCollector, Stats
 from .monitor import Monitor
 from .routing import Router
@@ -27,6 +29,26 @@ from .session import Handshake, Phase, Session
 from .upstream import Upstream, monitor_dsn
 
 logger = logging.getLogger("slotproxy.server")
+
+
+class TokenBucket:
+    """`rate` a second, bursts of up to `rate`."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self._at: float | None = None
+        self.dropped = 0
+
+    def take(self, now: float) -> bool:
+        if self._at is not None:
+            self.tokens = min(self.rate, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.dropped += 1
+        return False
 
 
 class Throttle:
@@ -79,11 +101,15 @@ class Proxy:
         self.sessions: set[Session] = set()
         self.cancel_keys: dict[tuple[int, bytes], Session] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._listeners: list[asyncio.base_events.Server] = []
+        self._listeners: list[Listener] = []
+        self.over_limit: set[Session] = set()  # refused for proxy.max_clients: being told so
+        self.per_address: collections.Counter[str] = collections.Counter()
+        self.cancels = TokenBucket(config.proxy.cancel_rate)
         self._ids = itertools.count(1)
         self._all_closed: asyncio.Event | None = None
         self.stopping = False
         self.unknown_cancels = Throttle(interval=1.0)
+        self.dropped_cancels = Throttle(interval=1.0)
         self.admin: AdminEndpoints | None = None
         self.stats.registry.register(ProxyCollector(self))
 
@@ -100,10 +126,10 @@ class Proxy:
             await self.admin.start(self.config.admin.listen)
             logger.info("admin endpoints on %s: /metrics /status /health /ready", self.admin.address)
         listen = self.config.proxy.listen
-        server = await loop.create_server(
-            lambda: Handshake(self), listen.host, listen.port,
-            backlog=LISTEN_BACKLOG, reuse_address=True, reuse_port=self.reuse_port or None)
-        self._listeners.append(server)
+        listener = Listener.bind(loop, listen, lambda: Handshake(self), backlog=LISTEN_BACKLOG,
+                                 reuse_port=self.reuse_port)
+        listener.start()
+        self._listeners.append(listener)
         servers = "; ".join(f"server {u.address}: {u.capacity.describe()}" for u in self.upstreams.values())
         logger.info("listening on %s; %s", ", ".join(str(a) for a in self.addresses), servers)
 
@@ -111,8 +137,8 @@ class Proxy:
     def addresses(self) -> list[Address]:
         """The addresses actually bound (the port is known here when listen port is 0)."""
         found = []
-        for server in self._listeners:
-            for sock in server.sockets:
+        for listener in self._listeners:
+            for sock in listener.sockets:
                 host, port = sock.getsockname()[:2]
                 found.append(Address(host, port))
         return found
@@ -159,8 +185,8 @@ class Proxy:
         await self._drain_tasks()
 
     def _stop_listening(self) -> None:
-        for server in self._listeners:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
 
     async def _drain_tasks(self) -> None:
         for task in list(self._tasks):
@@ -173,6 +199,22 @@ class Proxy:
     def open_session(self, transport: asyncio.Transport, handshake: Handshake) -> Session:
         # uvloop sets TCP_NODELAY on every TCP transport, accepted and connected.
         session = Session(self, transport, handshake, next(self._ids))
+        limits = self.config.proxy
+        open_now = len(self.sessions) - len(self.over_limit)
+        if open_now >= limits.max_clients:
+            session.over_limit = ClientError(
+                Reason.TOO_MANY_CLIENTS, "53300",
+                f"slotproxy: too many client connections: {open_now} open (proxy.max_clients)")
+        elif limits.max_clients_per_address and \
+                self.per_address[session.client_addr] >= limits.max_clients_per_address:
+            session.over_limit = ClientError(
+                Reason.TOO_MANY_CLIENTS, "53300",
+                f"slotproxy: too many connections from {session.client_addr}: "
+                f"{self.per_address[session.client_addr]} open (proxy.max_clients_per_address)")
+        if session.over_limit is not None:
+            self.over_limit.add(session)
+        else:
+            self.per_address[session.client_addr] += 1
         self.sessions.add(session)
         assert self._all_closed is not None
         self._all_closed.clear()
@@ -183,6 +225,12 @@ class Proxy:
     def _session_done(self, session: Session) -> None:
         session.finalize()
         self.sessions.discard(session)
+        if session in self.over_limit:
+            self.over_limit.discard(session)
+        else:
+            self.per_address[session.client_addr] -= 1
+            if not self.per_address[session.client_addr]:
+                del self.per_address[session.client_addr]
         if not self.sessions and self._all_closed is not None:
             self._all_closed.set()
 
@@ -238,6 +286,7 @@ class Proxy:
         server_tls = tlsconfig.server_tls(new.backend, new.source)
         self.config = new
         self.client_ssl, self.server_tls = client_ssl, server_tls
+        self.cancels.rate = new.proxy.cancel_rate
         self.client_cert = tlsconfig.leaf_certificate(new.tls)
         self.router = Router(new)
         for address in self.router.servers:

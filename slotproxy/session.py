@@ -159,6 +159,7 @@ class Session:
         self.cls: ClassConfig | None = None
         self.bypass = False
         self.reclaiming = False
+        self.over_limit: ClientError | None = None  # proxy.max_clients: refused once it speaks
         self.tls = False  # the proxy ended the client's TLS
         self.passthrough: str | None = None  # "ssl" or "direct": the client's TLS goes to the server
         self.backend_key: tuple[int, bytes] | None = None
@@ -261,6 +262,15 @@ class Session:
     async def _run(self) -> None:
         config = self.proxy.config
         loop = self.loop
+        if self.over_limit is not None:
+            # Told as the answer to its first packet: a close before it reads could reset
+            # the connection and take the ErrorResponse with it.
+            try:
+                async with deadline(loop, self.task, loop.time() + min(2.0, config.proxy.startup_timeout)):
+                    await self._first
+            except (TimeoutError, ClientError):
+                pass
+            raise self.over_limit
         try:
             async with deadline(loop, self.task, loop.time() + config.proxy.startup_timeout):
                 event = await self._negotiate()
@@ -645,6 +655,12 @@ class Session:
             self.log.warning("could not deliver cancel request: %s", e)
 
     async def _forward_cancel(self, request: wire.CancelRequest) -> None:
+        if not self.proxy.cancels.take(self.loop.time()):
+            self.reason = Reason.CANCEL_DROPPED
+            self.proxy.dropped_cancels.warn(
+                logger, "cancel request dropped: more than %d a second (proxy.cancel_rate)",
+                self.proxy.config.proxy.cancel_rate)
+            return
         target = self.proxy.cancel_keys.get((request.pid, request.key))
         if target is None and self.proxy.config.tls.client_tls == "passthrough":
             # Keys of passed-through sessions travel encrypted: the server checks this one.

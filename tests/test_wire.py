@@ -23,9 +23,9 @@ CANCEL = wire.encode_cancel(4242, b"\x01\x02\x03\x04")
 TLS_HELLO = bytes.fromhex("16030100f4010000f00303") + b"\x00" * 40
 
 
-def events_of(data: bytes, *, step: int | None = None) -> tuple[list, bytes]:
+def events_of(data: bytes, *, step: int | None = None, encrypted: bool = False) -> tuple[list, bytes]:
     """Feed `data` whole or `step` bytes at a time; return the events and the trailing bytes."""
-    reader = wire.StartupReader()
+    reader = wire.StartupReader(encrypted=encrypted)
     events = []
     chunks = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
     for chunk in chunks:
@@ -144,15 +144,20 @@ def test_truncated_packet_is_pending() -> None:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=300), st.integers(min_value=1, max_value=17))
-def test_any_bytes_parse_or_raise_the_one_protocol_error(data: bytes, step: int) -> None:
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=17), st.booleans())
+def test_any_bytes_parse_or_raise_the_one_protocol_error(data: bytes, step: int, encrypted: bool) -> None:
+    """Before and inside TLS alike: events, or ProtocolError; chunking changes nothing."""
     try:
-        whole = events_of(data)
+        whole = events_of(data, encrypted=encrypted)
     except ProtocolError:
         with pytest.raises(ProtocolError):
-            events_of(data, step=step)
+            events_of(data, step=step, encrypted=encrypted)
         return
-    assert events_of(data, step=step) == whole
+    assert events_of(data, step=step, encrypted=encrypted) == whole
+    if encrypted:
+        events, _ = whole
+        assert not any(isinstance(e, (wire.SSLRequest, wire.GSSENCRequest, wire.DirectTLS))
+                       for e in events), "no negotiation starts again inside TLS"
 
 
 @settings(max_examples=200, deadline=None)
@@ -232,3 +237,12 @@ def test_backend_key_data() -> None:
     assert wire.parse_backend_key(struct.pack("!i", 7) + b"abcd") == (7, b"abcd")
     with pytest.raises(ProtocolError):
         wire.parse_backend_key(b"\x00\x00")
+
+
+def test_inside_tls_no_negotiation_starts_again() -> None:
+    with pytest.raises(ProtocolError, match="SSLRequest sent twice"):
+        events_of(SSL + STARTUP, encrypted=True)
+    with pytest.raises(ProtocolError, match="invalid length"):
+        events_of(TLS_HELLO, encrypted=True)  # not taken for a TLS hello inside TLS
+    [event] = events_of(STARTUP, encrypted=True)[0]
+    assert isinstance(event, wire.StartupMessage)
