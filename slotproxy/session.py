@@ -1,15 +1,17 @@
 """One client's life, as an explicit state machine.
 
     HANDSHAKE -> QUEUED -> CONNECTING -> RELAYING -> CLOSED
-                   ^-----------'
-        (the server refused before answering: back to the queue's front)
+        |          ^-----------'
+        |  (the server refused before answering: back to the queue's front)
+        '-> CONSOLE -> CLOSED   (database "slotproxy": answered by the proxy)
 
 `Handshake` is the client connection's protocol until relaying starts: it
-feeds the sans-IO reader, answers SSLRequest/GSSENCRequest with 'N', and
-keeps reading while the client waits, so that a hang-up is seen at once and
-bytes sent early are kept for the server. `Session.run` is the one task
-that drives the phases; it is cancelled when the client leaves before its
-session is relayed.
+feeds the sans-IO reader, answers GSSENCRequest (and SSLRequest while TLS is
+off) with 'N', hands the session an SSLRequest to answer otherwise, and keeps
+reading while the client waits, so that a hang-up is seen at once and bytes
+sent early are kept for the server. `Session.run` is the one task that drives
+the phases, TLS set-up included; it is cancelled when the client leaves
+before its session is relayed.
 """
 
 from __future__ import annotations
