@@ -395,10 +395,11 @@ _E = ord("E")  # ErrorResponse
 _MAX_STARTUP_BODY = 64 * 1024
 
 # What each client message type means for the session, by type byte.
-_NOTHING, _REQUEST, _BATCH, _TERMINATE = 0, 1, 2, 3
+_NOTHING, _REQUEST, _SYNC, _BATCH, _TERMINATE = 0, 1, 2, 3, 4
 _CLIENT_KIND = bytearray(256)
-for _t in b"QSF":  # Query, Sync, FunctionCall: each answered by one ReadyForQuery
+for _t in b"QF":  # Query, FunctionCall: each answered by one ReadyForQuery
     _CLIENT_KIND[_t] = _REQUEST
+_CLIENT_KIND[ord("S")] = _SYNC  # answered by one ReadyForQuery, and closes the batch before it
 for _t in b"PBEDCH":  # extended-protocol work that the next Sync closes
     _CLIENT_KIND[_t] = _BATCH
 _CLIENT_KIND[ord("X")] = _TERMINATE
@@ -409,8 +410,10 @@ class SessionTracker:
     """Follows both directions of a relayed session to know what it is doing.
 
     A session is `active` from a client request until the ReadyForQuery that
-    answers it; otherwise idle, idle in a transaction, or idle in a failed one
-    (the status byte of the last ReadyForQuery). Before its first
+    answers it, while extended-protocol messages await their Sync, and while
+    either side is midway through a message; otherwise idle, idle in a
+    transaction, or idle in a failed one (the status byte of the last
+    ReadyForQuery). Before its first
     ReadyForQuery it is `starting`; meanwhile the tracker keeps the
     BackendKeyData and any ErrorResponse for the session to read. `since` is
     the `clock()` reading at the last change between active and not.
@@ -426,7 +429,7 @@ class SessionTracker:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self.pending = 0  # requests sent that await their ReadyForQuery
-        self.batch = False  # extended-protocol messages sent since the last ReadyForQuery
+        self.batch = False  # extended-protocol messages sent since the last Sync
         self.txn = IDLE
         self.ready = False  # the first ReadyForQuery was seen: startup is over
         self.terminated = False  # the client sent Terminate
@@ -445,8 +448,9 @@ class SessionTracker:
             return ACTIVE
         if not self.ready:
             return STARTING
-        if self.pending or self.batch or self._c_carry or self._c_skip:
-            return ACTIVE  # a request in flight, or the client is midway through one
+        if (self.pending or self.batch or self._c_carry or self._c_skip
+                or self._s_carry or self._s_skip):
+            return ACTIVE  # a request in flight, or a message half sent either way
         return self.txn
 
     def from_client(self, data: bytes) -> None:
@@ -465,16 +469,17 @@ class SessionTracker:
         while n - pos >= 5:
             kind = kinds[data[pos]]
             if kind:
-                if kind == _REQUEST:
-                    if not (self.pending or self.batch):
-                        self.since = self._clock()
-                    self.pending += 1
-                elif kind == _BATCH:
-                    if not (self.pending or self.batch):
-                        self.since = self._clock()
-                    self.batch = True
-                else:
+                if kind == _TERMINATE:
                     self.terminated = True
+                else:
+                    if not (self.pending or self.batch):
+                        self.since = self._clock()
+                    if kind == _BATCH:
+                        self.batch = True
+                    else:
+                        self.pending += 1
+                        if kind == _SYNC:
+                            self.batch = False
             (length,) = unpack(data, pos + 1)
             if length < 4:
                 self.lost = True
@@ -525,8 +530,7 @@ class SessionTracker:
     def _ready_for_query(self, status: int) -> None:
         if self.pending:
             self.pending -= 1
-        if not self.pending:
-            self.batch = False
+        if not (self.pending or self.batch):
             self.since = self._clock()
         self.txn = _TXN_STATES.get(status, IDLE)
         self.ready = True

@@ -168,3 +168,25 @@ def test_chunking_never_changes_what_is_seen(messages: list[bytes], cuts: list[i
     assert (pieces.state, pieces.pending, pieces.txn, pieces.backend_key) == \
            (whole.state, whole.pending, whole.txn, whole.backend_key)
     assert (pieces._s_skip, pieces._s_carry) == (whole._s_skip, whole._s_carry) == (0, b"")
+
+
+def test_work_sent_after_a_sync_stays_active_past_that_syncs_answer() -> None:
+    # libpq pipeline mode: a batch is answered while the next one already runs.
+    t = started()
+    bind = msg("B", b"\0\0" + b"\0" * 6)
+    t.from_client(msg("P", b"\0select 1\0\0\0") + bind + msg("E", b"\0\0\0\0\0") + msg("S")
+                  + msg("P", b"\0select pg_sleep(4)\0\0\0") + bind + msg("E", b"\0\0\0\0\0") + msg("H"))
+    t.from_server(msg("1") + msg("2") + msg("C", b"SELECT 1\0") + ready())
+    assert t.state == ACTIVE, "the second batch has no Sync yet: its query may be running"
+    t.from_client(msg("S"))
+    t.from_server(msg("1") + msg("2") + msg("C", b"SELECT 1\0") + ready())
+    assert t.state == IDLE
+
+
+def test_a_server_message_half_received_is_not_idle() -> None:
+    t = started()
+    notification = msg("A", b"\0\0\0\1chan\0" + b"p" * 4000 + b"\0")
+    t.from_server(notification[:1500])
+    assert t.state == ACTIVE, "an ErrorResponse now would land inside the notification"
+    t.from_server(notification[1500:])
+    assert t.state == IDLE
