@@ -91,7 +91,9 @@ class AdminEndpoints:
         reasons = []
         if self.proxy.stopping:
             reasons.append("shutting down")
-        for upstream in self.proxy.upstreams.values():
+        for upstream in list(self.proxy.upstreams.values()):
+            if upstream.retired:
+                continue
             if upstream.monitor is not None:
                 if upstream.capacity.blind:
                     reasons.append(f"server {upstream.address}: monitor blind ({upstream.capacity.why})")

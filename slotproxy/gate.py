@@ -13,6 +13,10 @@ from .admission import UNTIL_NEXT_VIEW, Admission, Decision, Limits, State, Tick
 from .errors import ClientError, Reason
 
 
+class Rerouted(Exception):
+    """A waiter's route changed (reload): it leaves this queue to follow it."""
+
+
 def shutdown_error() -> ClientError:
     return ClientError(Reason.SHUTDOWN, "57P01", "slotproxy is shutting down",
                        hint="Connect again in a moment.")
@@ -29,6 +33,7 @@ class Gate:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._emptied: asyncio.Future[None] | None = None
 
     def enter(self, ticket: Ticket) -> bool:
         """A new client asks for a slot: True if it holds one now, False if it waits.
@@ -56,15 +61,32 @@ class Gate:
             await waker
         except BaseException:
             if ticket.state is State.WAITING:
-                self.admission.leave(ticket)
+                self.leave(ticket)
             elif ticket.state is State.HOLDING:
                 self.release(ticket)  # admitted just as we were cancelled
             raise
         finally:
             ticket.waker = None
 
+    def leave(self, ticket: Ticket) -> None:
+        """A waiter gives up its place."""
+        self.admission.leave(ticket)
+        self._check_empty()
+
     def release(self, ticket: Ticket) -> None:
         self._wake(self.admission.release(ticket, self._now()))
+        self._check_empty()
+
+    async def emptied(self) -> None:
+        """Return once nobody holds a slot here or waits for one."""
+        while self.admission.holders or self.admission.waiting:
+            self._emptied = self.loop.create_future()
+            await self._emptied
+
+    def _check_empty(self) -> None:
+        if self._emptied is not None and not (self.admission.holders or self.admission.waiting):
+            if not self._emptied.done():
+                self._emptied.set_result(None)
 
     def answered(self, ticket: Ticket) -> None:
         self._wake(self.admission.answered(ticket, self._now()))
@@ -85,6 +107,11 @@ class Gate:
 
     def resume(self) -> None:
         self._wake(self.admission.resume(self._now()))
+
+    def reroute(self, ticket: Ticket) -> None:
+        """Wake a waiter with Rerouted; it leaves this queue as it wakes."""
+        if ticket.waker is not None and not ticket.waker.done():
+            ticket.waker.set_exception(Rerouted())
 
     def close(self) -> None:
         """Refuse every waiter with 57P01 and admit nobody from now on."""

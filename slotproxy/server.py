@@ -91,11 +91,8 @@ class Proxy:
         self.client_ssl = tlsconfig.client_context(config.tls, config.source)
         self.client_cert = tlsconfig.leaf_certificate(config.tls)
         self.server_tls = tlsconfig.server_tls(config.backend, config.source)
-        primary = config.backend.address
         self.upstreams: dict[Address, Upstream] = {
-            address: Upstream(config, address, self.stats,
-                              monitor_dsn(config.monitor.dsn, address, primary) if config.monitor.dsn
-                              else None)
+            address: Upstream(config, address, self.stats, self._monitor_dsn(config, address))
             for address in self.router.servers
         }
         self.sessions: set[Session] = set()
@@ -180,7 +177,7 @@ class Proxy:
     async def _finish(self) -> None:
         if self.admin is not None:
             await self.admin.close()
-        for upstream in self.upstreams.values():
+        for upstream in list(self.upstreams.values()):
             await upstream.stop()
         await self._drain_tasks()
 
@@ -288,17 +285,66 @@ class Proxy:
         self.client_ssl, self.server_tls = client_ssl, server_tls
         self.cancels.rate = new.proxy.cancel_rate
         self.client_cert = tlsconfig.leaf_certificate(new.tls)
-        self.router = Router(new)
+        # Sessions classify and route by the new configuration from here on, so
+        # lanes and upstreams are in place before the first await.
+        for upstream in self.upstreams.values():
+            upstream.gate.admission.set_classes(new.class_list)
+        old_router, self.router = self.router, Router(new)
+        added, kept = [], []
         for address in self.router.servers:
-            dsn = monitor_dsn(new.monitor.dsn, address, new.backend.address) if new.monitor.dsn else None
             upstream = self.upstreams.get(address)
             if upstream is None:
-                upstream = self.upstreams[address] = Upstream(new, address, self.stats, dsn)
-                await upstream.start()
+                upstream = self.upstreams[address] = Upstream(
+                    new, address, self.stats, self._monitor_dsn(new, address))
+                added.append(upstream)
             else:
-                await upstream.reconfigure(new, dsn)
+                upstream.retired = False
+                kept.append(upstream)
+        self._reroute(old_router, added)
+        for upstream in added:
+            await upstream.start()
+        for upstream in kept:
+            await upstream.reconfigure(new, self._monitor_dsn(new, upstream.address))
         logger.info("reloaded %s: %s", self.config_path, "; ".join(changes) or "nothing changed")
         return changes
+
+    @staticmethod
+    def _monitor_dsn(config: Config, address: Address) -> str | None:
+        dsn = config.monitor.dsn
+        return monitor_dsn(dsn, address, config.backend.address) if dsn else None
+
+    def _reroute(self, old_router: Router, added: list[Upstream]) -> None:
+        """After a reload: waiters follow their database's new route, and servers
+        no longer routed are stopped once their last session ends."""
+        # A server taking over a paused server's databases starts paused.
+        names = {route.name for route in self.config.databases} | {"*"}
+        for upstream in added:
+            for name in names:
+                route, before = self.router.resolve(name), old_router.resolve(name)
+                if route is not None and route.server == upstream.address and before is not None \
+                        and self.upstreams[before.server].gate.admission.paused:
+                    upstream.gate.pause()
+                    logger.info("admission to %s starts paused, as to %s before", upstream.address,
+                                before.server)
+                    break
+        for upstream in self.upstreams.values():
+            for ticket in list(upstream.gate.admission.waiters()):
+                if ticket.info.route_changed():
+                    upstream.gate.reroute(ticket)
+        routed = set(self.router.servers)
+        for address, upstream in self.upstreams.items():
+            if address not in routed and not upstream.retired:
+                upstream.retired = True
+                logger.info("server %s is no longer routed: %d sessions left on it", address,
+                            len(upstream.gate.admission.holders))
+                self.spawn(self._retire(upstream))
+
+    async def _retire(self, upstream: Upstream) -> None:
+        await upstream.gate.emptied()
+        if upstream.retired:
+            del self.upstreams[upstream.address]
+            await upstream.stop()
+            logger.info("server %s: its last session ended; monitor stopped", upstream.address)
 
     def pause(self, database: str | None = None) -> list[Upstream]:
         """Admit nobody new to the server of `database` (all servers: None)."""
@@ -327,7 +373,7 @@ class Proxy:
 
     @property
     def primary(self) -> Upstream:
-        return next(iter(self.upstreams.values()))
+        return self.upstreams[self.router.servers[0]]
 
     @property
     def gate(self) -> Gate:

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 from . import backend, console, tlsconfig, wire
 from .admission import State, Ticket
 from .errors import ClientError, ProtocolError, Reason
+from .gate import Rerouted
 from .monitor import normalize_host
 from .relay import Relay
-from .routing import classify
+from .routing import Router, classify
 from .timeouts import deadline
 
 if TYPE_CHECKING:
@@ -158,6 +159,7 @@ class Session:
         self.upstream: Upstream | None = None  # the server its database routes to
         self.backend_address: Address | None = None
         self.packet = b""  # the startup packet for the server (the database maybe renamed)
+        self.routes: Router | None = None  # the routing that picked upstream; a reload replaces it
         self.cls: ClassConfig | None = None
         self.bypass = False
         self.reclaiming = False
@@ -304,18 +306,7 @@ class Session:
             await console.Console(self, event).run(bytes(self.handshake.early))
             self.reason = Reason.CONSOLE
             return
-        route = self.proxy.router.resolve(event.database)
-        if route is None:
-            raise ClientError(Reason.NO_ROUTE, "3D000",
-                              f'slotproxy has no route for database "{event.database}"',
-                              hint='Add [databases.NAME] for it, or a "*" entry.')
-        self.upstream = self.proxy.upstreams[route.server]
-        self.backend_address = route.server
-        self.packet = event.raw if route.dbname == event.database else wire.encode_startup(
-            {**event.params, "database": route.dbname}, event.major, event.minor)
-        self.cls = classify(self.proxy.config.class_list, event.user, event.database,
-                            event.application_name, self.client_addr)
-        self.ticket.lane = self.cls.name
+        self._point(*self._resolve())
         # Replication connections use wal sender slots, not max_connections.
         replication = event.params.get("replication", "false").lower() not in _FALSE
         if self.cls.bypass or replication:
@@ -341,6 +332,8 @@ class Session:
                 mode = self.proxy.config.tls.client_tls
                 if mode == "passthrough":
                     if await self.proxy.primary.accepts_tls():
+                        if self.handshake.reader.pending:  # arrived while we asked the server
+                            raise ProtocolError("received unencrypted data after SSL request")
                         self.transport.write(b"S")
                         self.handshake.raw = True
                         return "ssl"
@@ -403,16 +396,53 @@ class Session:
     async def _pass_through(self, mode: str) -> None:
         """The client's TLS goes to the server unchanged: admitted by the server's budget alone."""
         self.passthrough = mode
-        upstream = self.proxy.primary
-        self.upstream = upstream
-        self.backend_address = upstream.address
-        # User and database are inside the TLS: only the address can pick a class.
-        self.cls = classify(self.proxy.config.class_list, "", "", "", self.client_addr)
-        if self.cls.bypass:
-            self.cls = self.proxy.config.class_list[-1]
-        self.ticket.lane = self.cls.name
+        self._point(*self._resolve())
         answered, sent = await self._admit()
         await self._relay(answered, sent)
+
+    def _resolve(self) -> tuple[Address, bytes]:
+        """The server and the startup packet for this client by the routes in force."""
+        router = self.proxy.router
+        if self.passthrough:
+            return router.servers[0], self.packet  # user and database are inside the TLS
+        event = self.startup
+        assert event is not None
+        route = router.resolve(event.database)
+        if route is None:
+            raise ClientError(Reason.NO_ROUTE, "3D000",
+                              f'slotproxy has no route for database "{event.database}"',
+                              hint='Add [databases.NAME] for it, or a "*" entry.')
+        packet = event.raw if route.dbname == event.database else wire.encode_startup(
+            {**event.params, "database": route.dbname}, event.major, event.minor)
+        return route.server, packet
+
+    def _point(self, server: Address, packet: bytes) -> None:
+        """Make `server` this session's, with its class there and a fresh ticket."""
+        self.routes = self.proxy.router
+        self.upstream = self.proxy.upstreams[server]
+        self.backend_address = server
+        self.packet = packet
+        classes = self.proxy.config.class_list
+        if self.passthrough:
+            # Only the address can pick a class; a bypass class would skip the budget.
+            self.cls = classify(classes, "", "", "", self.client_addr)
+            if self.cls.bypass:
+                self.cls = classes[-1]
+        else:
+            startup = self.startup
+            assert startup is not None
+            self.cls = classify(classes, startup.user, startup.database,
+                                startup.application_name, self.client_addr)
+        if self.ticket.state is not State.NEW:
+            self.ticket = Ticket(info=self)
+        self.ticket.lane = self.cls.name
+
+    def route_changed(self) -> bool:
+        """Whether a reload sent this client's database elsewhere (or nowhere)."""
+        try:
+            return self._resolve() != (self.backend_address, self.packet)
+        except ClientError:
+            return True
 
     async def _connect_directly(self, why: str) -> tuple[backend.Answered, int]:
         """A bypass lane: no queue, no retries; whatever the server says reaches the client."""
@@ -450,12 +480,25 @@ class Session:
             async with deadline(loop, self.task, until):  # type: ignore[arg-type]
                 while True:
                     self.phase = Phase.QUEUED
+                    if self.routes is not self.proxy.router and self.ticket.state is not State.HOLDING:
+                        # A reload changed the routes: follow this database, keep the deadline.
+                        self.routes = self.proxy.router
+                        target = self._resolve()
+                        if target != (upstream.address, self.packet) or self.ticket.state is State.DONE:
+                            if self.ticket.state is State.WAITING:
+                                gate.leave(self.ticket)
+                            self._point(*target)
+                            upstream, gate = self.upstream, self.upstream.gate  # type: ignore[union-attr]
+                            self.log.info("rerouted to %s by a reload", upstream.address)
                     if self.ticket.state is State.NEW and not gate.enter(self.ticket):
                         self.log.debug("queued (class %s): %d waiting, %d of %s slots in use",
                                        self.cls.name, gate.admission.waiting,
                                        len(gate.admission.holders), gate.admission.limits.max_slots)
                         upstream.client_waiting()
-                    await gate.wait(self.ticket)
+                    try:
+                        await gate.wait(self.ticket)
+                    except Rerouted:
+                        continue
                     self.phase = Phase.CONNECTING
                     sent = len(self.handshake.early)
                     try:

@@ -70,6 +70,7 @@ def snapshot(proxy: Proxy) -> dict[str, Any]:
             "waiting": admission.waiting,
             "connecting": len(admission.connecting),
             "paused": admission.paused,
+            "retired": upstream.retired,
             "classes": [
                 {"class": name, "weight": lane.config.weight, "min_slots": lane.config.min_slots,
                  "max_slots": lane.config.max_slots, "held": len(lane.holders), "waiting": lane.waiting}

@@ -50,6 +50,7 @@ class Upstream:
             self.monitor = Monitor(monitor_dsn, config.monitor.interval,
                                    config.backend.connect_timeout, self._own_sessions, self._on_view)
         self.reclaimed = 0
+        self.retired = False  # no longer routed (reload): stopped once its sessions end
         self._reaper: asyncio.Handle | None = None
         self._last_view: ServerView | None = None
         self._monitor_dsn = monitor_dsn

@@ -214,3 +214,40 @@ async def test_console_reload_applies_a_new_file(pg: Cluster, tmp_path: Path) ->
         await holder.close()
     finally:
         await proxy.abort()
+
+
+async def test_reload_to_a_new_server_moves_waiters_there_and_keeps_the_pause(
+        cluster_factory: Any, tmp_path: Path) -> None:
+    old, new = cluster_factory(max_connections=10), cluster_factory(max_connections=10)
+    path = tmp_path / "slotproxy.toml"
+    text = ('[proxy]\nlisten = "127.0.0.1:0"\n[backend]\nhost = "127.0.0.1"\nport = {port}\n'
+            '[admin]\ntrust_loopback = true\n[admission]\nmax_backend_slots = 1\n')
+    path.write_text(text.format(port=old.port))
+    proxy = Proxy(config.load(str(path)), path=str(path))
+    await proxy.start()
+    try:
+        holder = await asyncpg.connect(**at(proxy), user="app", database="postgres")
+        assert (await psql(proxy, "PAUSE", user="anyone"))[0] == 0
+        waiter = asyncio.create_task(asyncpg.connect(**at(proxy), user="app", database="postgres",
+                                                     timeout=30))
+        await wait_until(lambda: proxy.gate.admission.waiting == 1, "a client waiting at the old server")
+        path.write_text(text.format(port=new.port))
+        code, out = await psql(proxy, "RELOAD", user="anyone")
+        assert code == 0 and "[databases] routes changed" in out
+
+        assert proxy.primary.address.port == new.port
+        await wait_until(lambda: proxy.gate.admission.waiting == 1, "the waiter queued at the new server")
+        assert proxy.gate.admission.paused, "the server that took over a paused one starts paused"
+        assert not waiter.done()
+        assert (await psql(proxy, "RESUME", user="anyone"))[0] == 0
+        moved = await asyncio.wait_for(waiter, 10)
+        assert await moved.fetchval("select current_setting('port')::int") == new.port
+        assert await holder.fetchval("select current_setting('port')::int") == old.port, \
+            "a session on the old server goes on"
+        old_server = next(a for a in proxy.upstreams if a.port == old.port)
+        assert proxy.upstreams[old_server].retired
+        await holder.close()
+        await wait_until(lambda: old_server not in proxy.upstreams, "the old server let go", timeout=5)
+        await moved.close()
+    finally:
+        await proxy.abort()
