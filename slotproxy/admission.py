@@ -187,6 +187,36 @@ class Admission:
     def blocked(self) -> bool:
         return self.blocked_until is not None or self.probe is not None
 
+    def reclaimable(self, candidates: Sequence[Ticket], ending: Iterable[Ticket] = ()) -> list[Ticket]:
+        """Of `candidates` (holders idle too long, first to end first), those whose
+        ending would let a waiter in; `ending` are holders already on their way out.
+
+        A waiter in a lane at its max_slots takes only a slot of its own lane. A
+        waiter in another lane takes any slot, but only a full (or blocked)
+        server keeps it waiting for one. While paused, ending sessions admits nobody.
+        """
+        if self.paused:
+            return []
+        cap = self.limits.max_slots
+        server_full = (cap is not None and len(self.holders) >= cap) or self.blocked
+        own = {name: lane.waiting for name, lane in self.lanes.items() if lane.full and lane.waiting}
+        others = sum(lane.waiting for name, lane in self.lanes.items() if name not in own) \
+            if server_full else 0
+        left = [others]
+
+        def lets_in(ticket: Ticket) -> bool:
+            if own.get(ticket.lane):
+                own[ticket.lane] -= 1
+                return True
+            if left[0]:
+                left[0] -= 1
+                return True
+            return False
+
+        for ticket in ending:
+            lets_in(ticket)
+        return [ticket for ticket in candidates if lets_in(ticket)]
+
     # -- transitions ----------------------------------------------------------
 
     def arrive(self, ticket: Ticket, now: float) -> Decision:

@@ -85,8 +85,11 @@ class Upstream:
         else:
             self.capacity = capacity.blind(fixed, self.capacity, self.capacity.why or "no poll yet")
         self.gate.update(self._limits(self.capacity))
+        if self._reaper is not None:  # its next check was timed by the old idle timeouts
+            self._reaper.cancel()
+            self._reaper = None
         if self.gate.admission.waiting:
-            self.client_waiting()  # idle timeouts may have been switched on
+            self.client_waiting()
 
     async def accepts_tls(self) -> bool:
         """Whether the server answers SSLRequest with 'S' (asked again after a minute)."""
@@ -162,23 +165,23 @@ class Upstream:
             self._reaper = asyncio.get_running_loop().call_soon(self._reclaim)
 
     def _reclaim(self) -> None:
-        """End the sessions idle too long, oldest idle first, one per waiting client."""
+        """End the sessions idle too long, oldest idle first, as many as let waiters in."""
         self._reaper = None
         admission = self.gate.admission
-        waiting = admission.waiting
-        if not waiting:
-            return
         cfg = self.config.admission
+        limits = [t for t in (cfg.idle_timeout, cfg.idle_in_transaction_timeout) if t]
+        if not admission.waiting or not limits:
+            return
         loop = asyncio.get_running_loop()
         now = loop.time()
         # A session that turns idle later is due no sooner than this.
-        next_check = now + min(t for t in (cfg.idle_timeout, cfg.idle_in_transaction_timeout) if t)
+        next_check = now + min(limits)
         due: list[tuple[float, Session, float]] = []
-        ending = 0
+        ending = []
         for ticket in admission.holders:
             session: Session = ticket.info
             if session.reclaiming:
-                ending += 1
+                ending.append(ticket)
                 continue
             tracker = session.tracker
             if tracker is None:
@@ -197,8 +200,11 @@ class Upstream:
             else:
                 next_check = min(next_check, tracker.since + limit)
         due.sort(key=lambda item: item[0])
-        for since, session, limit in due[:max(0, waiting - ending)]:
-            self.stats.reclaimed[str(self.address), session.state] += 1
-            session.reclaim(now - since, limit, waiting)
-            self.reclaimed += 1
+        chosen = set(admission.reclaimable([s.ticket for _, s, _ in due], ending))
+        waiting = admission.waiting
+        for since, session, limit in due:
+            if session.ticket in chosen:
+                self.stats.reclaimed[str(self.address), session.state] += 1
+                session.reclaim(now - since, limit, waiting)
+                self.reclaimed += 1
         self._reaper = loop.call_at(next_check, self._reclaim)

@@ -246,3 +246,32 @@ def test_fifo_within_a_class_and_ties_go_to_the_oldest_waiter() -> None:
     assert adm.release(holder, 1.0) == [first_b]  # 0/1 for both lanes: the oldest waiter wins
     assert adm.release(first_b, 2.0) == [first_a]
     assert list(adm.waiters()) == [second_a]
+
+
+# -- which idle holders ending would let a waiter in -----------------------------------------
+
+
+def test_reclaim_ends_one_holder_per_waiter_and_none_while_paused() -> None:
+    adm = make(slots=3)
+    holders = arrive(adm, 3)
+    arrive(adm, 2)  # waiting for a full server
+    assert adm.reclaimable(holders) == holders[:2]
+    assert adm.reclaimable(holders[1:], ending=holders[:1]) == holders[1:2], \
+        "a holder already ending counts for one waiter"
+    adm.pause()
+    assert adm.reclaimable(holders) == [], "while paused, ending sessions admits nobody"
+
+
+def test_reclaim_nothing_when_waiters_wait_for_something_else() -> None:
+    adm = make(slots=3, connecting=1)
+    holder = arrive(adm, 3)[0]  # one startup in flight: the others wait for it
+    assert len(adm.holders) == 1 and adm.waiting == 2
+    assert adm.reclaimable([holder]) == [], "a free server slot already waits for them"
+
+
+def test_reclaim_for_a_class_at_its_max_slots_ends_only_its_own_sessions() -> None:
+    adm = lanes(4, ClassConfig("cron", max_slots=1), ClassConfig("default"))
+    [cron] = flood(adm, "cron", 1)
+    web = flood(adm, "default", 1)
+    flood(adm, "cron", 1)  # waits: its class is full, the server is not
+    assert adm.reclaimable([*web, cron]) == [cron]

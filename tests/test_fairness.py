@@ -226,3 +226,21 @@ async def test_busy_sessions_and_idle_ones_nobody_waits_for_are_left_alone(
     assert proxy.primary.reclaimed == 1
     await busy.close()
     idle.terminate()
+
+
+async def test_no_session_is_reclaimed_while_admission_is_paused(pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg, admission={"max_backend_slots": 1, "queue_timeout": 30,
+                                               "idle_timeout": 0.3})
+    idle = await asyncpg.connect(**at(proxy), user="app", database="postgres")
+    [session] = proxy.sessions
+    proxy.pause()
+    waiter = asyncio.create_task(app_client(proxy, "web", hold=0.01))
+    await wait_until(lambda: proxy.gate.admission.waiting == 1, "a client held by the pause")
+    loop = asyncio.get_running_loop()
+    await wait_until(lambda: loop.time() - session.tracker.since > 1.2, "four idle timeouts")
+    assert await idle.fetchval("select 1") == 1, "ending it would have let nobody in"
+    assert proxy.primary.reclaimed == 0
+    proxy.resume()
+    assert (await waiter).ok
+    assert proxy.primary.reclaimed == 1
+    idle.terminate()
