@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit, urlunsplit
 
 from .errors import ConfigError
 
@@ -202,8 +202,28 @@ def flag(value: Any) -> bool:
     return value
 
 
-def key(default: Any, parse: Callable[[Any], Any], doc: str, *, reload: bool = True) -> Any:
-    return field(default=default, metadata={"parse": parse, "reload": reload, "doc": doc})
+def key(default: Any, parse: Callable[[Any], Any], doc: str, *, reload: bool = True,
+        show: Callable[[Any], str] | None = None) -> Any:
+    """A configuration key; `show` renders a value that holds secrets without them."""
+    return field(default=default, metadata={"parse": parse, "reload": reload, "doc": doc, "show": show})
+
+
+def _show_dsn(uri: str) -> str:
+    """The monitor's DSN with any password masked."""
+    if not _dsn_password(uri):
+        return format_value(uri)
+    parts = urlsplit(uri)
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = "&".join(f"{k}=***" if k == "password" else f"{k}={v}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return format_value(urlunsplit(parts._replace(query=query)))
+
+
+def _show_users(users: tuple[tuple[str, str], ...]) -> str:
+    """Console user names only: a verifier can be attacked offline."""
+    return format_value(tuple((name, "***") for name, _ in users))
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +338,7 @@ class AdmissionConfig:
 class MonitorConfig:
     dsn: str = key("", dsn,
                    "connection URI of the monitor's role; empty: no monitor, "
-                   "admission by max_backend_slots alone")
+                   "admission by max_backend_slots alone", show=_show_dsn)
     interval: float = key(1.0, seconds, "seconds between polls of the server")
 
 
@@ -339,7 +359,8 @@ class AdminConfig:
                                  "address of /metrics, /status, /health, /ready: \"HOST:PORT\" "
                                  "or a port (loopback); empty: off", reload=False)
     users: tuple[tuple[str, str], ...] = key((), verifiers,
-                                             "console users: name = SCRAM-SHA-256 verifier")
+                                             "console users: name = SCRAM-SHA-256 verifier",
+                                             show=_show_users)
     trust_loopback: bool = key(False, flag, "let console clients from loopback in without a password")
 
 
@@ -390,10 +411,18 @@ class KeyInfo:
     default: Any
     reload: bool
     doc: str
+    show: Callable[[Any], str] | None
 
     @property
     def dotted(self) -> str:
         return f"{self.section}.{self.name}"
+
+    def value(self, config: Config) -> Any:
+        return getattr(getattr(config, self.section), self.name)
+
+    def shown(self, value: Any) -> str:
+        """`value` as TOML, with any secret in it masked."""
+        return self.show(value) if self.show is not None else format_value(value)
 
 
 def keys() -> Iterator[KeyInfo]:
@@ -402,7 +431,8 @@ def keys() -> Iterator[KeyInfo]:
         for f in dataclasses.fields(cls):
             if "nested" in f.metadata:
                 continue
-            yield KeyInfo(section, f.name, f.default, f.metadata["reload"], f.metadata["doc"])
+            yield KeyInfo(section, f.name, f.default, f.metadata["reload"], f.metadata["doc"],
+                          f.metadata["show"])
 
 
 def format_value(value: Any) -> str:
@@ -638,7 +668,7 @@ def _dsn_password(uri: str) -> bool:
 
 
 def describe(config: Config) -> Iterator[tuple[str, str, bool]]:
-    """(dotted key, value as TOML, differs from default) for every key."""
+    """(dotted key, value as TOML with secrets masked, differs from default) for every key."""
     for info in keys():
-        value = getattr(getattr(config, info.section), info.name)
-        yield info.dotted, format_value(value), value != info.default
+        value = info.value(config)
+        yield info.dotted, info.shown(value), value != info.default

@@ -259,8 +259,6 @@ class Console:
         reloads = {info.dotted: info.reload for info in configuration.keys()}
         rows = []
         for key, value, changed in configuration.describe(self.proxy.config):
-            if key == "admin.users":  # verifiers can be attacked offline: names only
-                value = ", ".join(name for name, _ in self.proxy.config.admin.users) or "(none)"
             rows.append([key, value, not changed, "live" if reloads[key] else "restart"])
         return encode_rows(["key", "value", "default", "changes"], rows, "SHOW")
 

@@ -264,14 +264,18 @@ class Proxy:
             new = self.config_transform(new)
         old = self.config
         changes = []
-        old_values = {key: value for key, value, _ in configuration.describe(old)}
-        restart = {info.dotted for info in configuration.keys() if not info.reload}
-        for key, value, _ in configuration.describe(new):
-            if value != old_values[key]:
-                if key in restart:
-                    changes.append(f"{key} needs a restart (still {old_values[key]}; file says {value})")
-                else:
-                    changes.append(f"{key} {old_values[key]} -> {value}")
+        for info in configuration.keys():
+            before, after = info.value(old), info.value(new)
+            if before == after:
+                continue
+            shown_before, shown_after = info.shown(before), info.shown(after)
+            if shown_before == shown_after:
+                shown_before, shown_after = "(secret)", "(secret, changed)"
+            if not info.reload:
+                changes.append(f"{info.dotted} needs a restart (still {shown_before}; "
+                               f"file says {shown_after})")
+            else:
+                changes.append(f"{info.dotted} {shown_before} -> {shown_after}")
         if new.admission.classes != old.admission.classes:
             changes.append("admission.class entries changed")
         if new.databases != old.databases or new.fallback != old.fallback:

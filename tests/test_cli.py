@@ -16,6 +16,7 @@ import pytest
 
 from slotproxy.cluster import Cluster
 from slotproxy.demo import one_client
+from slotproxy.scram import Verifier
 
 from .conftest import wait_until
 
@@ -122,6 +123,19 @@ async def test_check_config_accepts_the_example_and_shows_every_value() -> None:
     assert code == 0, err
     assert out.startswith(f"{example}: OK")
     assert "admission.max_backend_slots = " in out
+
+
+async def test_check_config_masks_passwords_and_verifiers(tmp_path: Path) -> None:
+    verifier = str(Verifier.make("console secret"))
+    path = tmp_path / "secrets.toml"
+    path.write_text('[monitor]\ndsn = "postgresql://mon:hunter2@127.0.0.1:5432/postgres"\n'
+                    f'[admin.users]\nops = "{verifier}"\n')
+    code, out, _ = await run_cli("check-config", str(path))
+    assert code == 0
+    assert 'monitor.dsn = "postgresql://mon:***@127.0.0.1:5432/postgres"' in out
+    assert 'admin.users = { ops = "***" }' in out
+    assert "hunter2" not in out and verifier.split("$")[2] not in out
+    assert "warning: monitor.dsn holds a password in clear" in out
 
 
 # -- running -------------------------------------------------------------------------------------

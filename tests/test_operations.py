@@ -210,6 +210,12 @@ async def test_console_reload_applies_a_new_file(pg: Cluster, tmp_path: Path) ->
         code, out = await psql(proxy, "RELOAD", user="anyone")
         assert code == 1 and "admission.max_backend_slots: must be >= 1, got 0" in out
         assert proxy.config.admission.max_backend_slots == 2, "the running configuration stays"
+        verifier = console_admin()["users"]["ops"]
+        path.write_text(text.replace("max_backend_slots = 1", "max_backend_slots = 2")
+                        + f'[admin.users]\nops = "{verifier}"\n')
+        code, out = await psql(proxy, "RELOAD", user="anyone")
+        assert code == 0 and 'admin.users {} -> { ops = "***" }' in out
+        assert verifier.split("$")[2] not in out, "a verifier never leaves the proxy"
         assert await holder.fetchval("select 1") == 1
         await holder.close()
     finally:
