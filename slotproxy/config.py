@@ -520,6 +520,23 @@ def from_mapping(data: Mapping[str, Any], source: str, overrides: Iterable[Overr
         raise ConfigError(origins.get("backend.sslmode", source), "backend.sslrootcert",
                           f"sslmode = \"{config.backend.sslmode}\" needs a CA file to verify "
                           "the server with (or \"system\")")
+    if config.backend.sslrootcert == "system" and config.backend.sslmode != "verify-full":
+        # As libpq: the system's CAs vouch for any name, so only a name check makes them safe.
+        raise ConfigError(origins.get("backend.sslrootcert", source), "backend.sslrootcert",
+                          f"\"system\" needs sslmode = \"verify-full\" (not \"{config.backend.sslmode}\")")
+    workers = config.proxy.workers
+    if workers > 1:
+        # Each worker takes a share of these: every share must be at least one.
+        shared = [(c.key("max_slots"), c.max_slots) for c in config.admission.classes
+                  if c.max_slots is not None]
+        if not config.monitor.dsn and config.admission.fixed_slots is not None:
+            shared.insert(0, ("admission.max_backend_slots", config.admission.fixed_slots))
+        for dotted, total in shared:
+            if total < workers:
+                raise ConfigError(origins.get("proxy.workers", source), "proxy.workers",
+                                  f"{workers} workers cannot share {dotted} = {total}: each needs "
+                                  "at least one slot" + ("" if config.monitor.dsn or "class" in dotted
+                                                         else " (or set [monitor] dsn)"))
     if config.admission.max_backend_slots == AUTO and not config.monitor.dsn:
         raise ConfigError(origins["admission.max_backend_slots"], "admission.max_backend_slots",
                           "\"auto\" needs a monitor to find the free slots: set [monitor] dsn")

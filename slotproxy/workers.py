@@ -9,8 +9,8 @@ from the worker that got them to the others.
 
 The budget: with a monitor, every worker admits by what the server has free
 and sees the others as peers; without one, each worker takes a fixed share of
-admission.max_backend_slots and admission.max_queue. A worker's admin
-endpoints listen on admin.listen's port plus its index.
+admission.max_backend_slots. Queue limits and class slots are always shared
+out. A worker's admin endpoints listen on admin.listen's port plus its index.
 """
 
 from __future__ import annotations
@@ -49,12 +49,24 @@ def share(total: int, index: int, count: int) -> int:
 
 
 def worker_config(config: Config, index: int, count: int) -> Config:
-    """Worker `index`'s part: a fixed share of the budget without a monitor; its admin port."""
+    """Worker `index`'s part of the proxy's limits, and its admin port.
+
+    Queue limits and class shares are the whole proxy's, so each worker takes
+    its share; the server budget too, unless a monitor lets every worker see
+    what the server has free.
+    """
     admission = config.admission
+
+    def part(total: int) -> int:
+        return share(total, index, count)
+
+    classes = tuple(dataclasses.replace(
+        c, min_slots=part(c.min_slots), max_queue=part(c.max_queue),
+        max_slots=None if c.max_slots is None else part(c.max_slots))
+        for c in admission.classes)
+    admission = dataclasses.replace(admission, max_queue=part(admission.max_queue), classes=classes)
     if not config.monitor.dsn and admission.fixed_slots is not None:
-        admission = dataclasses.replace(
-            admission, max_backend_slots=max(1, share(admission.fixed_slots, index, count)),
-            max_queue=share(admission.max_queue, index, count))
+        admission = dataclasses.replace(admission, max_backend_slots=part(admission.fixed_slots))
     admin = config.admin
     if admin.listen is not None and admin.listen.port:
         admin = dataclasses.replace(admin, listen=Address(admin.listen.host, admin.listen.port + index))
@@ -114,6 +126,9 @@ async def supervise(argv: list[str], count: int) -> int:
     quick_deaths = 0
     done = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
+    # PAUSE and RESUME lines since admission was last resumed everywhere: a
+    # restarted worker replays them to pause what the others have paused.
+    pauses: list[bytes] = []
 
     def spawn(coro: Awaitable[None]) -> None:
         task = loop.create_task(coro)  # type: ignore[arg-type]
@@ -131,12 +146,24 @@ async def supervise(argv: list[str], count: int) -> int:
         logger.info("worker %d started (pid %d)", worker.index, worker.process.pid)
         spawn(relay(worker, reader))
         spawn(watch(worker, worker.process))
+        if stopping:  # the signal came while it was starting: it did not get it
+            worker.process.send_signal(signal.SIGTERM)
+        for line in pauses:
+            worker.writer.write(line)
 
     async def relay(worker: _Worker, reader: asyncio.StreamReader) -> None:
         async for line in reader:  # a console command one worker ran: the others run it too
+            command = json.loads(line)
+            if command["command"] == "resume" and not command["args"]:
+                pauses.clear()
+            elif command["command"] in ("pause", "resume"):
+                pauses.append(line)
             for other in workers:
                 if other is not worker and other.writer is not None:
                     other.writer.write(line)
+
+    def all_exited() -> bool:
+        return all(w.process is None or w.process.returncode is not None for w in workers)
 
     async def watch(worker: _Worker, process: asyncio.subprocess.Process) -> None:
         nonlocal quick_deaths, stopping
@@ -145,20 +172,26 @@ async def supervise(argv: list[str], count: int) -> int:
             return
         worker.writer = None
         if stopping:
-            if all(w.process is None or w.process.returncode is not None for w in workers):
+            if all_exited():
                 done.set()
             return
         if loop.time() - worker.started_at < QUICK_DEATH:
             quick_deaths += 1
+        else:
+            quick_deaths = 0  # it served a while: a crash now is not a failing start
         logger.error("worker %d (pid %d) exited with %d", worker.index, process.pid, code)
         if quick_deaths >= MAX_QUICK_DEATHS:
             logger.error("workers keep dying right after starting: stopping")
             stopping = True
             forward(signal.SIGTERM)
-            if all(w.process is None or w.process.returncode is not None for w in workers):
+            if all_exited():
                 done.set()
             return
         await asyncio.sleep(1.0)  # no restart storm
+        if stopping:  # a signal came meanwhile; the others may all be gone already
+            if all_exited():
+                done.set()
+            return
         await start(worker)
 
     def forward(signum: int) -> None:
@@ -182,5 +215,7 @@ async def supervise(argv: list[str], count: int) -> int:
     for worker in workers:
         await start(worker)
     await done.wait()
+    # A worker signalled before it could set up its handlers ends by SIGTERM itself.
     codes = [w.process.returncode for w in workers if w.process is not None]
-    return 0 if quick_deaths < MAX_QUICK_DEATHS and not any(codes) else 1
+    failed = any(code not in (0, -signal.SIGTERM) for code in codes)
+    return 0 if quick_deaths < MAX_QUICK_DEATHS and not failed else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import sys
@@ -95,6 +96,11 @@ BAD_CONFIGS = [
     ("[backend]\nhost = \"bad host\"\n", "backend.host: not a valid host name or address"),
     ("[bakend]\nhost = \"x\"\n", "bakend: unknown section (did you mean backend?)"),
     ("[proxy]\nlisten = \n", "invalid TOML"),
+    ("[proxy]\nworkers = 4\n[admission]\nmax_backend_slots = 2\n",
+     "proxy.workers: 4 workers cannot share admission.max_backend_slots = 2: each needs at least "
+     "one slot (or set [monitor] dsn)"),
+    ("[backend]\nsslmode = \"require\"\nsslrootcert = \"system\"\n",
+     "backend.sslrootcert: \"system\" needs sslmode = \"verify-full\" (not \"require\")"),
 ]
 
 
@@ -289,6 +295,40 @@ async def test_two_workers_share_the_port_and_serve_a_burst(pg: Cluster, tmp_pat
         assert len(admitted) == 40
         assert any(line.startswith("W0 ") for line in admitted) and \
             any(line.startswith("W1 ") for line in admitted), "both workers accepted clients"
+        proc.send_signal(signal.SIGTERM)
+        assert await p.wait_exit() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_a_restarted_worker_is_paused_like_the_others(pg: Cluster, tmp_path: Path) -> None:
+    from slotproxy.cluster import free_port
+
+    port = free_port()
+    path = tmp_path / "workers.toml"
+    path.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\nworkers = 2\n'
+                    f'[backend]\nhost = "{pg.host}"\nport = {pg.port}\n[admin]\ntrust_loopback = true\n')
+    proc = await asyncio.create_subprocess_exec(*SLOTPROXY, "run", "--config", str(path),
+                                                stderr=asyncio.subprocess.PIPE)
+    p = ProxyProcess(proc)
+
+    def paused(worker: str) -> int:
+        return sum(1 for line in p.lines if line.startswith(f"{worker} ") and "paused admission" in line)
+
+    try:
+        await wait_until(lambda: p.log().count(f"listening on 127.0.0.1:{port}") == 2,
+                         "both workers listening")
+        psql = await asyncio.create_subprocess_exec(
+            "psql", "-X", "-w", "-h", "127.0.0.1", "-p", str(port), "-d", "slotproxy", "-U", "ops",
+            "-c", "PAUSE", stdout=asyncio.subprocess.DEVNULL)
+        assert await psql.wait() == 0
+        await wait_until(lambda: paused("W0") == 1 and paused("W1") == 1, "both workers paused")
+        [pid] = [int(m.group(1)) for line in p.lines
+                 if (m := re.search(r"worker 0 started \(pid (\d+)", line))]
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: paused("W0") == 2, "the restarted worker paused as well", timeout=15)
         proc.send_signal(signal.SIGTERM)
         assert await p.wait_exit() == 0
     finally:
