@@ -69,3 +69,21 @@ def test_readme_documents_every_key_with_its_default() -> None:
     readme = (ROOT / "README.md").read_text()
     rows = dict(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| `([^`]*)` \|", readme, re.M))
     assert rows == {k.dotted: config.format_value(k.default) for k in config.keys()}
+
+
+def test_workers_share_out_every_limit_meant_for_the_whole_proxy() -> None:
+    from slotproxy.workers import worker_config
+
+    cfg = config.from_mapping({
+        "proxy": {"workers": 3},
+        "admission": {"max_backend_slots": 10, "max_queue": 100,
+                      "class": [{"name": "cron", "match": {"user": "cron"}, "min_slots": 4,
+                                 "max_slots": 5, "max_queue": 7}]}}, "test")
+    parts = [worker_config(cfg, i, 3) for i in range(3)]
+    assert sum(p.admission.max_backend_slots for p in parts) == 10
+    assert sum(p.admission.max_queue for p in parts) == 100
+    crons = [p.class_list[0] for p in parts]
+    assert [c.name for c in crons] == ["cron"] * 3
+    assert sum(c.min_slots for c in crons) == 4 and sum(c.max_slots for c in crons) == 5
+    assert sum(c.max_queue for c in crons) == 7
+    assert all(c.min_slots <= c.max_slots for c in crons)
