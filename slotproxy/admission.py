@@ -49,10 +49,12 @@ class State(enum.Enum):
 class Ticket:
     """One client's place: in the queue, then holding a slot."""
 
-    __slots__ = ("admitted_at", "info", "lane", "queued_at", "seq", "state", "waker")
+    __slots__ = ("admitted_at", "info", "lane", "queued_at", "seq", "showable", "state", "waker")
 
-    def __init__(self, info: Any = None, lane: str = DEFAULT_CLASS) -> None:
+    def __init__(self, info: Any = None, lane: str = DEFAULT_CLASS, showable: bool = True) -> None:
         self.lane = lane  # the name of its class
+        # Whether a poll can be counted on to show it (TLS passthrough hides its backend pid).
+        self.showable = showable
         self.seq = -1
         self.queued_at = 0.0
         self.admitted_at: float | None = None
@@ -351,7 +353,8 @@ class Admission:
         self.holders.add(ticket)
         self.lanes[ticket.lane].holders.add(ticket)
         self.connecting.add(ticket)
-        self.unseen.add(ticket)
+        if ticket.showable:  # else it would hold max_unseen up until it ends
+            self.unseen.add(ticket)
         self.peak_connecting = max(self.peak_connecting, len(self.connecting))
         if self.failures:
             # After refusals, one connection tests the server before the rest.

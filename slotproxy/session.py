@@ -436,6 +436,7 @@ class Session:
         if self.ticket.state is not State.NEW:
             self.ticket = Ticket(info=self)
         self.ticket.lane = self.cls.name
+        self.ticket.showable = not self.passthrough
 
     def route_changed(self) -> bool:
         """Whether a reload sent this client's database elsewhere (or nowhere)."""

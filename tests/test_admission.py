@@ -275,3 +275,13 @@ def test_reclaim_for_a_class_at_its_max_slots_ends_only_its_own_sessions() -> No
     web = flood(adm, "default", 1)
     flood(adm, "cron", 1)  # waits: its class is full, the server is not
     assert adm.reclaimable([*web, cron]) == [cron]
+
+
+def test_holders_no_poll_can_show_do_not_hold_up_the_unseen_limit() -> None:
+    adm = make(slots=10, unseen=1)
+    hidden = Ticket(showable=False)  # TLS passthrough: the monitor may never match it
+    adm.arrive(hidden, 0.0)
+    [shown] = arrive(adm, 1)
+    assert hidden.state is State.HOLDING and shown.state is State.HOLDING
+    [held_up] = arrive(adm, 1)
+    assert held_up.state is State.WAITING, "one unseen showable holder fills max_unseen = 1"
