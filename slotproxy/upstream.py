@@ -55,6 +55,7 @@ class Upstream:
         self._last_view: ServerView | None = None
         self._monitor_dsn = monitor_dsn
         self._tls: tuple[float, bool] | None = None  # (when asked, whether it said 'S')
+        self._tls_probe: asyncio.Task[bool | None] | None = None
 
     async def start(self) -> None:
         if self.monitor is not None:
@@ -93,17 +94,29 @@ class Upstream:
 
     async def accepts_tls(self) -> bool:
         """Whether the server answers SSLRequest with 'S' (asked again after a minute)."""
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if self._tls is None or now - self._tls[0] > 60:
-            answer = await backend.probe_tls(self.address, self.config.backend.connect_timeout)
+            if self._tls_probe is None:  # one question in flight, however many clients ask
+                self._tls_probe = loop.create_task(
+                    backend.probe_tls(self.address, self.config.backend.connect_timeout))
+                self._tls_probe.add_done_callback(self._tls_answered)
+            answer = await asyncio.shield(self._tls_probe)
             if answer is None:
                 return bool(self._tls and self._tls[1])  # unreachable now: keep what it said last
-            self._tls = (now, answer)
+        assert self._tls is not None
         return self._tls[1]
+
+    def _tls_answered(self, probe: asyncio.Task[bool | None]) -> None:
+        self._tls_probe = None
+        if not probe.cancelled() and probe.exception() is None and probe.result() is not None:
+            self._tls = (asyncio.get_running_loop().time(), probe.result())  # type: ignore[arg-type]
 
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
+        if self._tls_probe is not None:
+            self._tls_probe.cancel()
         if self.monitor is not None:
             await self.monitor.stop()
 

@@ -213,6 +213,27 @@ async def test_passthrough_answers_N_when_the_server_has_no_tls(pg: Cluster, pro
     assert (code, out) == (0, "1")
 
 
+async def test_a_burst_of_passthrough_clients_asks_the_server_about_tls_once(
+        tls_server: Cluster, proxy_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from slotproxy import backend
+
+    asked = []
+    real_probe = backend.probe_tls
+
+    async def counted(*args: Any) -> bool | None:
+        asked.append(args)
+        return await real_probe(*args)
+
+    monkeypatch.setattr(backend, "probe_tls", counted)
+    proxy = await proxy_factory(tls_server, tls={"client_tls": "passthrough"})
+    conns = await asyncio.gather(*(asyncpg.connect(**at(proxy), user="app", database="postgres",
+                                                   ssl="require") for _ in range(6)))
+    assert len(asked) == 1
+    for conn in conns:
+        assert await conn.fetchval(SSL_ON_SERVER) is True
+        await conn.close()
+
+
 async def test_reload_picks_up_new_certificate_files(
         pg: Cluster, ca: CA, tmp_path: Path) -> None:
     from slotproxy import config
