@@ -30,7 +30,8 @@ DATABASE = "slotproxy"
 COMMANDS = "SHOW QUEUE | SESSIONS | CAPACITY | CLASSES | CONFIG, RELOAD, PAUSE [db], RESUME [db]"
 MAX_MESSAGE = 1 << 20
 SERVER_VERSION = "15.0 (slotproxy console)"
-_MOCK = Verifier.make(secrets.token_hex(16))  # unknown users fail the same way as a wrong password
+_MOCK_SECRET = secrets.token_bytes(32)  # unknown users fail the same way as a wrong password
+IDLE_TIMEOUT = 3600.0  # an authenticated console session left open
 _INT32 = struct.Struct("!i")
 
 Rows = tuple[list[str], list[list[Any]]]
@@ -123,8 +124,8 @@ class Console:
             if not self.transport.is_closing():
                 self.transport.close()
 
-    async def _next(self) -> tuple[int, bytes] | None:
-        async with asyncio.timeout(self.proxy.config.proxy.startup_timeout * 6):
+    async def _next(self, timeout: float) -> tuple[int, bytes] | None:
+        async with asyncio.timeout(timeout):
             return await self.queue.get()
 
     def _fatal(self, sqlstate: str, message: str) -> None:
@@ -141,22 +142,24 @@ class Console:
             self._fatal("28000", "the slotproxy console has no users: set [admin] users "
                         "(slotproxy hash-password), or [admin] trust_loopback for local use")
             return False
-        verifier = Verifier.parse(users[self.user]) if self.user in users else _MOCK
+        known = self.user in users
+        verifier = Verifier.parse(users[self.user]) if known else Verifier.mock(self.user, _MOCK_SECRET)
         scram = ScramServer(verifier)
         self.transport.write(_auth(10, _cstr(MECHANISM) + b"\0"))
+        timeout = self.proxy.config.proxy.startup_timeout
         try:
-            first = await self._next()
+            first = await self._next(timeout)
             if first is None or first[0] != ord("p"):
                 raise AuthFailed("expected SASLInitialResponse")
             mechanism, _, rest = first[1].partition(b"\0")
-            if mechanism.decode() != MECHANISM or len(rest) < 4:
+            if mechanism != MECHANISM.encode() or len(rest) < 4:
                 raise AuthFailed("unsupported SASL mechanism")
             self.transport.write(_auth(11, scram.first(rest[4:])))
-            final = await self._next()
+            final = await self._next(timeout)
             if final is None or final[0] != ord("p"):
                 raise AuthFailed("expected SASLResponse")
             server_final = scram.final(final[1])
-            if verifier is _MOCK:
+            if not known:
                 raise AuthFailed("no such console user")
         except (AuthFailed, TimeoutError):
             self.session.log.warning("console: password authentication failed for user %r", self.user)
@@ -180,9 +183,9 @@ class Console:
     async def _serve(self) -> None:
         while True:
             try:
-                message = await self._next()
+                message = await self._next(IDLE_TIMEOUT)
             except TimeoutError:
-                self._fatal("57P05", "slotproxy console session idle too long")
+                self._fatal("57P05", f"slotproxy console session idle for {IDLE_TIMEOUT:g} s")
                 return
             if message is None or message[0] == ord("X"):
                 return

@@ -77,6 +77,13 @@ class Verifier:
         client_key = _hmac(salted, b"Client Key")
         return cls(iterations, salt, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key"))
 
+    @classmethod
+    def mock(cls, user: str, secret: bytes) -> Verifier:
+        """A verifier for a user that does not exist, with the same salt on every try
+        (as a real user's), so that the exchange does not tell who exists."""
+        digest = _hmac(secret, user.encode("utf-8", "surrogatepass"))
+        return cls(ITERATIONS, digest[:16], _hmac(digest, b"stored"), _hmac(digest, b"server"))
+
     def __str__(self) -> str:
         return (f"{MECHANISM}${self.iterations}:{_b64(self.salt)}"
                 f"${_b64(self.stored_key)}:{_b64(self.server_key)}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 import subprocess
 import urllib.error
 import urllib.request
@@ -20,6 +22,7 @@ from slotproxy.scram import Verifier
 from slotproxy.server import Proxy
 
 from .conftest import wait_until
+from .pgraw import RawClient
 
 OPS_PASSWORD = "correct horse battery staple"
 
@@ -177,6 +180,45 @@ async def test_console_refuses_a_wrong_password_with_28P01(pg: Cluster, proxy_fa
     with pytest.raises(asyncpg.InvalidPasswordError) as refused:
         await asyncpg.connect(**at(proxy), user="ops", password="wrong", database="slotproxy")
     assert refused.value.sqlstate == "28P01"
+
+
+def sasl_initial(mechanism: bytes, data: bytes) -> bytes:
+    body = mechanism + b"\0" + struct.pack("!i", len(data)) + data
+    return b"p" + struct.pack("!i", 4 + len(body)) + body
+
+
+async def console_salt(proxy: Proxy, user: str) -> str:
+    """The salt the console's SCRAM exchange offers `user`."""
+    raw = await RawClient.connect(**at(proxy))
+    raw.send_startup(user=user, database="slotproxy")
+    mtype, body = await raw.read_message()
+    assert mtype == "R" and body[:4] == struct.pack("!i", 10)  # AuthenticationSASL
+    raw.send(sasl_initial(b"SCRAM-SHA-256", b"n,,n=,r=0123456789abcdef"))
+    mtype, body = await raw.read_message()
+    assert mtype == "R" and body[:4] == struct.pack("!i", 11)  # AuthenticationSASLContinue
+    raw.close()
+    return dict(part.split("=", 1) for part in body[4:].decode().split(","))["s"]
+
+
+async def test_console_salts_do_not_tell_which_users_exist(pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg, admin=console_admin())
+    real = await console_salt(proxy, "ops")
+    [(_, verifier)] = proxy.config.admin.users
+    assert real == base64.b64encode(Verifier.parse(verifier).salt).decode()
+    assert await console_salt(proxy, "ops") == real
+    ghost = await console_salt(proxy, "ghost")
+    assert await console_salt(proxy, "ghost") == ghost, "an unknown user's salt stays, as a real one's"
+    assert len({real, ghost, await console_salt(proxy, "other-ghost")}) == 3
+
+
+async def test_console_refuses_a_mechanism_that_is_not_utf8(pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg, admin=console_admin())
+    raw = await RawClient.connect(**at(proxy))
+    raw.send_startup(user="ops", database="slotproxy")
+    await raw.read_message()
+    raw.send(sasl_initial(b"\xff\xfe", b"n,,n=,r=x"))
+    error = await raw.read_error_then_eof()
+    assert error["C"] == "28P01" and error["M"] == 'password authentication failed for user "ops"'
 
 
 async def test_pause_holds_new_clients_and_resume_releases_them(pg: Cluster, proxy_factory: Any) -> None:
