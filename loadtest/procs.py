@@ -178,9 +178,13 @@ class SlotproxyProcess(Child):
     async def start(cls, workdir: Path, backend: tuple[str, int], *, slots: int, max_queue: int,
                     queue_timeout: float, name: str = "slotproxy") -> SlotproxyProcess:
         log = workdir / f"{name}.log"
+        config = workdir / f"{name}.toml"
+        # Room for every client the queue may hold, as PgBouncer's max_client_conn gets.
+        config.write_text(f"[proxy]\nmax_clients = {max_queue + slots + 100}\n")
         with _log_file(log) as out:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "slotproxy", "run", "--listen", "127.0.0.1:0",
+                sys.executable, "-m", "slotproxy", "run", "--config", str(config),
+                "--listen", "127.0.0.1:0",
                 "--backend", f"{backend[0]}:{backend[1]}", "--max-backend-slots", str(slots),
                 "--max-queue", str(max_queue), "--queue-timeout", str(queue_timeout),
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)

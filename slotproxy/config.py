@@ -237,7 +237,7 @@ class ProxyConfig:
                                   "seconds live sessions may go on after SIGTERM before they are closed")
     workers: int = key(1, integer(1, 64), "processes sharing the listen port (SO_REUSEPORT)",
                        reload=False)
-    max_clients: int = key(10000, integer(1),
+    max_clients: int = key(5000, integer(1),
                            "client connections at once, waiting ones included; the next gets 53300")
     max_clients_per_address: int = key(0, integer(0),
                                        "client connections at once from one address (0: no cap)")
