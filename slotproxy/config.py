@@ -524,23 +524,31 @@ def from_mapping(data: Mapping[str, Any], source: str, overrides: Iterable[Overr
         # As libpq: the system's CAs vouch for any name, so only a name check makes them safe.
         raise ConfigError(origins.get("backend.sslrootcert", source), "backend.sslrootcert",
                           f"\"system\" needs sslmode = \"verify-full\" (not \"{config.backend.sslmode}\")")
-    workers = config.proxy.workers
-    if workers > 1:
-        # Each worker takes a share of these: every share must be at least one.
-        shared = [(c.key("max_slots"), c.max_slots) for c in config.admission.classes
-                  if c.max_slots is not None]
-        if not config.monitor.dsn and config.admission.fixed_slots is not None:
-            shared.insert(0, ("admission.max_backend_slots", config.admission.fixed_slots))
-        for dotted, total in shared:
-            if total < workers:
-                raise ConfigError(origins.get("proxy.workers", source), "proxy.workers",
-                                  f"{workers} workers cannot share {dotted} = {total}: each needs "
-                                  "at least one slot" + ("" if config.monitor.dsn or "class" in dotted
-                                                         else " (or set [monitor] dsn)"))
+    check_shares(config, config.proxy.workers, origins.get("proxy.workers", source))
     if config.admission.max_backend_slots == AUTO and not config.monitor.dsn:
         raise ConfigError(origins["admission.max_backend_slots"], "admission.max_backend_slots",
                           "\"auto\" needs a monitor to find the free slots: set [monitor] dsn")
     return config
+
+
+def check_shares(config: Config, workers: int, origin: str, running: bool = False) -> None:
+    """Each of `workers` processes takes a share of the limits meant for the whole
+    proxy (workers.worker_config): a limit that is not 0 must leave each at least 1."""
+    if workers <= 1:
+        return
+    admission = config.admission
+    shared = [("admission.max_queue", admission.max_queue, "")]
+    if not config.monitor.dsn and admission.fixed_slots is not None:
+        shared.insert(0, ("admission.max_backend_slots", admission.fixed_slots, " (or set [monitor] dsn)"))
+    for c in admission.classes:
+        shared.append((c.key("max_queue"), c.max_queue, ""))
+        if c.max_slots is not None:
+            shared.append((c.key("max_slots"), c.max_slots, ""))
+    who = f"the {workers} running workers" if running else f"{workers} workers"
+    for dotted, total, hint in shared:
+        if 0 < total < workers:
+            raise ConfigError(origin, "proxy.workers",
+                              f"{who} cannot share {dotted} = {total}: each needs at least 1{hint}")
 
 
 def _parse_route(name: str, table: Any, origin: str, backend: BackendConfig) -> RouteConfig:

@@ -11,6 +11,8 @@ server slot: it is answered by the proxy itself, in the simple query protocol.
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
 import ipaddress
 import secrets
 import struct
@@ -30,7 +32,6 @@ DATABASE = "slotproxy"
 COMMANDS = "SHOW QUEUE | SESSIONS | CAPACITY | CLASSES | CONFIG, RELOAD, PAUSE [db], RESUME [db]"
 MAX_MESSAGE = 1 << 20
 SERVER_VERSION = "15.0 (slotproxy console)"
-_MOCK_SECRET = secrets.token_bytes(32)  # unknown users fail the same way as a wrong password
 IDLE_TIMEOUT = 3600.0  # an authenticated console session left open
 _INT32 = struct.Struct("!i")
 
@@ -71,6 +72,17 @@ def encode_rows(columns: list[str], rows: list[list[Any]], tag: str) -> bytes:
         out.append(_msg(b"D", body))
     out.append(_msg(b"C", _cstr(tag)))
     return b"".join(out)
+
+
+def _mock(users: dict[str, str], user: str) -> Verifier:
+    """What an unknown user is offered: unknown users fail like a wrong password.
+
+    Its salt is keyed by the configured verifiers (secret, and the same in every
+    worker and after a restart), so it stays as stable as a real user's.
+    """
+    secret = hashlib.sha256("\n".join(sorted(users.values())).encode()).digest()
+    iterations = collections.Counter(Verifier.parse(v).iterations for v in users.values())
+    return Verifier.mock(user, secret, iterations.most_common(1)[0][0])
 
 
 class _Reader(asyncio.Protocol):
@@ -143,7 +155,7 @@ class Console:
                         "(slotproxy hash-password), or [admin] trust_loopback for local use")
             return False
         known = self.user in users
-        verifier = Verifier.parse(users[self.user]) if known else Verifier.mock(self.user, _MOCK_SECRET)
+        verifier = Verifier.parse(users[self.user]) if known else _mock(users, self.user)
         scram = ScramServer(verifier)
         self.transport.write(_auth(10, _cstr(MECHANISM) + b"\0"))
         timeout = self.proxy.config.proxy.startup_timeout

@@ -80,8 +80,9 @@ class Gate:
     async def emptied(self) -> None:
         """Return once nobody holds a slot here or waits for one."""
         while self.admission.holders or self.admission.waiting:
-            self._emptied = self.loop.create_future()
-            await self._emptied
+            if self._emptied is None or self._emptied.done():
+                self._emptied = self.loop.create_future()
+            await asyncio.shield(self._emptied)  # shared: one waiter's cancel is not the others'
 
     def _check_empty(self) -> None:
         if self._emptied is not None and not (self.admission.holders or self.admission.waiting):

@@ -18,6 +18,7 @@ class Route:
 class Router:
     def __init__(self, config: Config) -> None:
         self._routes = {r.name: r for r in config.databases if r.name != "*"}
+        self.names = frozenset(self._routes)  # the databases routed by name
         self._fallback = config.fallback
         star = next((r for r in config.databases if r.name == "*"), None)
         self._fallback_dbname = star.dbname if star else ""

@@ -78,11 +78,11 @@ class Verifier:
         return cls(iterations, salt, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key"))
 
     @classmethod
-    def mock(cls, user: str, secret: bytes) -> Verifier:
+    def mock(cls, user: str, secret: bytes, iterations: int = ITERATIONS) -> Verifier:
         """A verifier for a user that does not exist, with the same salt on every try
         (as a real user's), so that the exchange does not tell who exists."""
         digest = _hmac(secret, user.encode("utf-8", "surrogatepass"))
-        return cls(ITERATIONS, digest[:16], _hmac(digest, b"stored"), _hmac(digest, b"server"))
+        return cls(iterations, digest[:16], _hmac(digest, b"stored"), _hmac(digest, b"server"))
 
     def __str__(self) -> str:
         return (f"{MECHANISM}${self.iterations}:{_b64(self.salt)}"
@@ -125,6 +125,8 @@ class ScramServer:
         client_nonce = _attributes(bare).get("r")
         if not client_nonce:
             raise AuthFailed("client-first-message has no nonce")
+        if not all("!" <= c <= "~" for c in client_nonce):  # RFC 5802: printable ASCII
+            raise AuthFailed("client nonce is not printable ASCII")
         self._client_first_bare = bare
         self._combined_nonce = client_nonce + self._nonce
         v = self.verifier

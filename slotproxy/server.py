@@ -98,6 +98,7 @@ class Proxy:
         self.sessions: set[Session] = set()
         self.cancel_keys: dict[tuple[int, bytes], Session] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._retiring: dict[Address, asyncio.Task[None]] = {}  # servers let go once empty
         self._listeners: list[Listener] = []
         self.over_limit: set[Session] = set()  # refused for proxy.max_clients: being told so
         self.per_address: collections.Counter[str] = collections.Counter()
@@ -321,7 +322,7 @@ class Proxy:
         """After a reload: waiters follow their database's new route, and servers
         no longer routed are stopped once their last session ends."""
         # A server taking over a paused server's databases starts paused.
-        names = {route.name for route in self.config.databases} | {"*"}
+        names = old_router.names | self.router.names | {"*"}  # "*": whatever the fallback takes
         for upstream in added:
             for name in names:
                 route, before = self.router.resolve(name), old_router.resolve(name)
@@ -341,10 +342,14 @@ class Proxy:
                 upstream.retired = True
                 logger.info("server %s is no longer routed: %d sessions left on it", address,
                             len(upstream.gate.admission.holders))
-                self.spawn(self._retire(upstream))
+                if address not in self._retiring:  # else routed again meanwhile, and its task waits on
+                    self._retiring[address] = self.spawn(self._retire(upstream))
 
     async def _retire(self, upstream: Upstream) -> None:
-        await upstream.gate.emptied()
+        try:
+            await upstream.gate.emptied()
+        finally:
+            del self._retiring[upstream.address]
         if upstream.retired:
             del self.upstreams[upstream.address]
             await upstream.stop()

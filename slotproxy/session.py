@@ -484,7 +484,12 @@ class Session:
                     if self.routes is not self.proxy.router and self.ticket.state is not State.HOLDING:
                         # A reload changed the routes: follow this database, keep the deadline.
                         self.routes = self.proxy.router
-                        target = self._resolve()
+                        try:
+                            target = self._resolve()
+                        except ClientError:
+                            if self.ticket.state is State.WAITING:
+                                gate.leave(self.ticket)
+                            raise
                         if target != (upstream.address, self.packet) or self.ticket.state is State.DONE:
                             if self.ticket.state is State.WAITING:
                                 gate.leave(self.ticket)
@@ -762,6 +767,8 @@ class Session:
                     gate, self.ticket, connecting, self.proxy.config.backend.connect_timeout))
             else:
                 gate.release(self.ticket)
+        elif self.ticket.state is State.WAITING:  # a place no wait() would give back
+            self.upstream.gate.leave(self.ticket)  # type: ignore[union-attr]
         if self.backend_key is not None and self.proxy.cancel_keys.get(self.backend_key) is self:
             del self.proxy.cancel_keys[self.backend_key]
         if self.relay is not None:

@@ -98,25 +98,25 @@ class Upstream:
         now = loop.time()
         if self._tls is None or now - self._tls[0] > 60:
             if self._tls_probe is None:  # one question in flight, however many clients ask
-                self._tls_probe = loop.create_task(
-                    backend.probe_tls(self.address, self.config.backend.connect_timeout))
-                self._tls_probe.add_done_callback(self._tls_answered)
+                self._tls_probe = loop.create_task(self._probe_tls())
             answer = await asyncio.shield(self._tls_probe)
-            if answer is None:
-                return bool(self._tls and self._tls[1])  # unreachable now: keep what it said last
-        assert self._tls is not None
+            if answer is not None:
+                return answer
+            return bool(self._tls and self._tls[1])  # unreachable now: keep what it said last
         return self._tls[1]
 
-    def _tls_answered(self, probe: asyncio.Task[bool | None]) -> None:
-        self._tls_probe = None
-        if not probe.cancelled() and probe.exception() is None and probe.result() is not None:
-            self._tls = (asyncio.get_running_loop().time(), probe.result())  # type: ignore[arg-type]
+    async def _probe_tls(self) -> bool | None:
+        try:
+            answer = await backend.probe_tls(self.address, self.config.backend.connect_timeout)
+            if answer is not None:
+                self._tls = (asyncio.get_running_loop().time(), answer)
+            return answer
+        finally:
+            self._tls_probe = None
 
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        if self._tls_probe is not None:
-            self._tls_probe.cancel()
         if self.monitor is not None:
             await self.monitor.stop()
 

@@ -25,7 +25,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 
-from .config import Address, Config
+from .config import Address, Config, check_shares
 
 logger = logging.getLogger("slotproxy.workers")
 
@@ -55,6 +55,7 @@ def worker_config(config: Config, index: int, count: int) -> Config:
     its share; the server budget too, unless a monitor lets every worker see
     what the server has free.
     """
+    check_shares(config, count, config.source, running=True)  # a reload may lower them
     admission = config.admission
 
     def part(total: int) -> int:

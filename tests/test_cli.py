@@ -97,8 +97,8 @@ BAD_CONFIGS = [
     ("[bakend]\nhost = \"x\"\n", "bakend: unknown section (did you mean backend?)"),
     ("[proxy]\nlisten = \n", "invalid TOML"),
     ("[proxy]\nworkers = 4\n[admission]\nmax_backend_slots = 2\n",
-     "proxy.workers: 4 workers cannot share admission.max_backend_slots = 2: each needs at least "
-     "one slot (or set [monitor] dsn)"),
+     "proxy.workers: 4 workers cannot share admission.max_backend_slots = 2: each needs at least 1 "
+     "(or set [monitor] dsn)"),
     ("[backend]\nsslmode = \"require\"\nsslrootcert = \"system\"\n",
      "backend.sslrootcert: \"system\" needs sslmode = \"verify-full\" (not \"require\")"),
 ]

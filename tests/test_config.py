@@ -87,3 +87,18 @@ def test_workers_share_out_every_limit_meant_for_the_whole_proxy() -> None:
     assert sum(c.min_slots for c in crons) == 4 and sum(c.max_slots for c in crons) == 5
     assert sum(c.max_queue for c in crons) == 7
     assert all(c.min_slots <= c.max_slots for c in crons)
+
+
+def test_a_reload_cannot_leave_a_running_worker_without_its_share() -> None:
+    from slotproxy.workers import worker_config
+
+    # The file says one worker, but four run until a restart: a reload must not give three of them 0.
+    cfg = config.from_mapping({"admission": {"max_backend_slots": 2}}, "slotproxy.toml")
+    with pytest.raises(ConfigError) as refused:
+        worker_config(cfg, 3, 4)
+    assert str(refused.value) == ("slotproxy.toml: proxy.workers: the 4 running workers cannot share "
+                                  "admission.max_backend_slots = 2: each needs at least 1 "
+                                  "(or set [monitor] dsn)")
+    with pytest.raises(ConfigError, match=r"4 workers cannot share admission\.max_queue = 2"):
+        config.from_mapping({"proxy": {"workers": 4}, "admission": {"max_queue": 2}}, "test")
+    config.from_mapping({"proxy": {"workers": 4}, "admission": {"max_queue": 0}}, "test")  # 0 stays 0

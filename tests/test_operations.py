@@ -299,3 +299,46 @@ async def test_reload_to_a_new_server_moves_waiters_there_and_keeps_the_pause(
         await moved.close()
     finally:
         await proxy.abort()
+
+
+async def test_a_client_refused_while_its_route_was_removed_leaves_no_trace(
+        cluster_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from slotproxy import backend
+
+    pg = cluster_factory(max_connections=3, superuser_reserved_connections=0)
+    strangers = [await asyncpg.connect(host=pg.host, port=pg.port, user="app", database="postgres")
+                 for _ in range(3)]  # the server is full, as the proxy will learn only by a refusal
+    go = asyncio.Event()
+    real_connect = backend.connect
+
+    async def held_once(*args: Any, **kwargs: Any) -> Any:
+        if not go.is_set():
+            await go.wait()  # the reload lands while this startup is on its way
+        return await real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "connect", held_once)
+    path = tmp_path / "slotproxy.toml"
+    route = f'host = "{pg.host}"\nport = {pg.port}\ndbname = "postgres"\n'
+    text = ('[proxy]\nlisten = "127.0.0.1:0"\n[admission]\nmax_backend_slots = 2\nqueue_timeout = 10\n'
+            f'[databases.bar]\n{route}')
+    path.write_text(text + f'[databases.foo]\n{route}')
+    proxy = Proxy(config.load(str(path)), path=str(path))
+    await proxy.start()
+    try:
+        foo = asyncio.create_task(asyncpg.connect(**at(proxy), user="app", database="foo"))
+        await wait_until(lambda: len(proxy.gate.admission.connecting) == 1, "foo's startup on its way")
+        path.write_text(text)
+        await proxy.reload()
+        go.set()  # the full server refuses foo's startup
+        with pytest.raises(asyncpg.InvalidCatalogNameError, match='no route for database "foo"'):
+            await foo
+        admission = proxy.gate.admission
+        assert (admission.waiting, len(admission.holders)) == (0, 0), "foo left nothing behind"
+        await strangers.pop().close()
+        bar = await asyncpg.connect(**at(proxy), user="app", database="bar", timeout=10)
+        assert await bar.fetchval("select 1") == 1
+        await bar.close()
+    finally:
+        await proxy.abort()
+        for conn in strangers:
+            await conn.close()
