@@ -211,12 +211,16 @@ async def test_console_salts_do_not_tell_which_users_exist(pg: Cluster, proxy_fa
     assert len({real, ghost, await console_salt(proxy, "other-ghost")}) == 3
 
 
-async def test_console_refuses_a_mechanism_that_is_not_utf8(pg: Cluster, proxy_factory: Any) -> None:
+@pytest.mark.parametrize(("mechanism", "first"), [(b"\xff\xfe", b"n,,n=,r=x"),
+                                                  (b"SCRAM-SHA-256", "n,,n=,r=é".encode())],
+                         ids=["mechanism not UTF-8", "nonce not ASCII"])
+async def test_console_refuses_a_malformed_exchange_as_a_failed_login(
+        pg: Cluster, proxy_factory: Any, mechanism: bytes, first: bytes) -> None:
     proxy = await proxy_factory(pg, admin=console_admin())
     raw = await RawClient.connect(**at(proxy))
     raw.send_startup(user="ops", database="slotproxy")
     await raw.read_message()
-    raw.send(sasl_initial(b"\xff\xfe", b"n,,n=,r=x"))
+    raw.send(sasl_initial(mechanism, first))
     error = await raw.read_error_then_eof()
     assert error["C"] == "28P01" and error["M"] == 'password authentication failed for user "ops"'
 
