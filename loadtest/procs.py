@@ -180,7 +180,10 @@ class SlotproxyProcess(Child):
         log = workdir / f"{name}.log"
         config = workdir / f"{name}.toml"
         # Room for every client the queue may hold, as PgBouncer's max_client_conn gets.
-        config.write_text(f"[proxy]\nmax_clients = {max_queue + slots + 100}\n")
+        # Plain text to the server, as the direct target's sslmode=disable and PgBouncer here:
+        # the default (prefer) would cost every connection an SSLRequest round trip.
+        config.write_text(f"[proxy]\nmax_clients = {max_queue + slots + 100}\n"
+                          "[backend]\nsslmode = \"disable\"\n")
         with _log_file(log) as out:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "slotproxy", "run", "--config", str(config),
@@ -255,6 +258,7 @@ max_client_conn = {max_clients}
 query_wait_timeout = {query_wait_timeout:g}
 ; slotproxy backs off from 50 ms to 1 s; PgBouncer's default is 15 s
 server_login_retry = 1
+server_tls_sslmode = disable
 ignore_startup_parameters = extra_float_digits,options
 log_connections = 0
 log_disconnections = 0
