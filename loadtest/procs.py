@@ -181,8 +181,9 @@ class SlotproxyProcess(Child):
         config = workdir / f"{name}.toml"
         # Room for every client the queue may hold, as PgBouncer's max_client_conn gets.
         # Plain text to the server, as the direct target's sslmode=disable and PgBouncer here:
-        # the default (prefer) would cost every connection an SSLRequest round trip.
-        config.write_text(f"[proxy]\nmax_clients = {max_queue + slots + 100}\n"
+        # the default (prefer) would cost every connection an SSLRequest round trip. No line
+        # per connection, as PgBouncer's log_connections = 0 below.
+        config.write_text(f"[proxy]\nmax_clients = {max_queue + slots + 100}\nlog_connections = false\n"
                           "[backend]\nsslmode = \"disable\"\n")
         with _log_file(log) as out:
             proc = await asyncio.create_subprocess_exec(

@@ -242,6 +242,8 @@ class ProxyConfig:
     max_clients_per_address: int = key(0, integer(0),
                                        "client connections at once from one address (0: no cap)")
     cancel_rate: int = key(100, integer(1), "cancel requests forwarded per second; the rest dropped")
+    log_connections: bool = key(True, flag, "log a line for each client admitted to a server "
+                                "(refusals are logged either way)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,17 +608,11 @@ def _positive_number(value: Any) -> float:
     return float(value)
 
 
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_type_name(value)} ({value!r})")
-    return value
-
-
 def _parse_class(table: dict[str, Any], name: str, where: str, origin: str,
                  admission: AdmissionConfig) -> ClassConfig:
     parsers: dict[str, Callable[[Any], Any]] = {
         "name": str, "match": _parse_match, "weight": _positive_number, "min_slots": integer(0),
-        "max_slots": integer(1), "max_queue": integer(0), "queue_timeout": seconds, "bypass": _boolean,
+        "max_slots": integer(1), "max_queue": integer(0), "queue_timeout": seconds, "bypass": flag,
     }
     values: dict[str, Any] = {"max_queue": admission.max_queue,
                               "queue_timeout": admission.queue_timeout}

@@ -463,7 +463,7 @@ class Session:
             raise self._server_tls_error(e) from None
         waited = self.loop.time() - started
         self.proxy.stats.admit(str(self.backend_address), self.cls.name, waited)  # type: ignore[union-attr]
-        self._decided(f"admitted without queueing ({why})", waited, 0)
+        self._decided(f"admitted without queueing ({why})", waited, 0, admitted=True)
         return answered, sent
 
     async def _admit(self) -> tuple[backend.Answered, int]:
@@ -523,7 +523,7 @@ class Session:
                     gate.answered(self.ticket)
                     waited = loop.time() - started
                     self.proxy.stats.admit(str(upstream.address), self.cls.name, waited)
-                    self._decided("admitted", waited, attempts)
+                    self._decided("admitted", waited, attempts, admitted=True)
                     return answered, sent
         except TimeoutError:
             error = self._deadline_error(loop.time() - started, failure, attempts)
@@ -586,10 +586,14 @@ class Session:
         return ClientError(Reason.SERVER_REFUSAL, failure.sqlstate or "53300",
                            failure.message or failure.what, detail=retried)
 
-    def _decided(self, outcome: str, waited: float, attempts: int) -> None:
-        retries = f", {attempts} server refusals" if attempts else ""
-        self.log.info("%s after %.3f s%s (application_name=%r)",
-                      outcome, waited, retries, self.application_name)
+    def _decided(self, outcome: str, waited: float, attempts: int, admitted: bool = False) -> None:
+        level = logging.INFO
+        if admitted and not self.proxy.config.proxy.log_connections:
+            level = logging.DEBUG
+        if self.log.isEnabledFor(level):
+            retries = f", {attempts} server refusals" if attempts else ""
+            self.log.log(level, "%s after %.3f s%s (application_name=%r)",
+                         outcome, waited, retries, self.application_name)
 
     async def _relay(self, answered: backend.Answered, sent: int) -> None:
         self.phase = Phase.RELAYING

@@ -259,3 +259,20 @@ async def test_a_cancel_with_an_unknown_key_is_dropped_and_logged(
     assert await raw.read_eof() == b"", "a cancel request is never answered"
     assert "cancel request for unknown backend pid 12345 dropped" in caplog.text
     assert proxy.unknown_cancels.count == 1
+
+
+@pytest.mark.parametrize("log_connections", [True, False])
+async def test_log_connections_off_keeps_refusals_in_the_log(
+        pg: Cluster, proxy_factory: Any, caplog: Any, log_connections: bool) -> None:
+    caplog.set_level(logging.INFO, logger="slotproxy")
+    proxy = await proxy_factory(pg, proxy={"log_connections": log_connections},
+                                admission={"max_backend_slots": 1, "max_queue": 0})
+    holder = await asyncpg.connect(**at(proxy), user="postgres", database="postgres", ssl=False)
+    with pytest.raises(asyncpg.TooManyConnectionsError):
+        await asyncpg.connect(**at(proxy), user="postgres", database="postgres", ssl=False)
+    await holder.close()
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "slotproxy.session"]
+    admitted = [line for line in lines if "admitted" in line]
+    assert len(admitted) == (1 if log_connections else 0), lines
+    assert sum("refused (queue_full) after" in line for line in lines) == 1, lines
