@@ -31,6 +31,17 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address in one form: IPv4-mapped IPv6 as IPv4, no scope; None for a name."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 # Parsers take the value as TOML gives it and return it checked, or raise
 # ValueError with the problem in words.
 
@@ -553,12 +564,9 @@ def check_shares(config: Config, workers: int, origin: str, running: bool = Fals
                               f"{who} cannot share {dotted} = {total}: each needs at least 1{hint}")
 
 
-def _parse_route(name: str, table: Any, origin: str, backend: BackendConfig) -> RouteConfig:
-    where = f"databases.{name}" if name.isidentifier() else f'databases."{name}"'
-    if not isinstance(table, dict):
-        raise ConfigError(origin, where, f"expected a table, got {_type_name(table)}")
-    parsers = {"host": hostname, "port": port, "dbname": _dbname}
-    values: dict[str, Any] = {"host": backend.host, "port": backend.port}
+def _parse_keys(table: Mapping[str, Any], parsers: Mapping[str, Callable[[Any], Any]],
+                values: dict[str, Any], where: str, origin: str) -> None:
+    """Each key of a table through its parser into `values`; an unknown key or bad value is an error."""
     for keyname, value in table.items():
         parse = parsers.get(keyname)
         if parse is None:
@@ -568,6 +576,15 @@ def _parse_route(name: str, table: Any, origin: str, backend: BackendConfig) -> 
             values[keyname] = parse(value)
         except ValueError as e:
             raise ConfigError(origin, f"{where}.{keyname}", str(e)) from None
+
+
+def _parse_route(name: str, table: Any, origin: str, backend: BackendConfig) -> RouteConfig:
+    where = f"databases.{name}" if name.isidentifier() else f'databases."{name}"'
+    if not isinstance(table, dict):
+        raise ConfigError(origin, where, f"expected a table, got {_type_name(table)}")
+    parsers = {"host": hostname, "port": port, "dbname": _dbname}
+    values: dict[str, Any] = {"host": backend.host, "port": backend.port}
+    _parse_keys(table, parsers, values, where, origin)
     return RouteConfig(name=name, **values)
 
 
@@ -616,15 +633,7 @@ def _parse_class(table: dict[str, Any], name: str, where: str, origin: str,
     }
     values: dict[str, Any] = {"max_queue": admission.max_queue,
                               "queue_timeout": admission.queue_timeout}
-    for keyname, value in table.items():
-        parse = parsers.get(keyname)
-        if parse is None:
-            raise ConfigError(origin, f"{where}.{keyname}",
-                              "unknown key" + _suggest(keyname, parsers, prefix=f"{where}."))
-        try:
-            values[keyname] = parse(value)
-        except ValueError as e:
-            raise ConfigError(origin, f"{where}.{keyname}", str(e)) from None
+    _parse_keys(table, parsers, values, where, origin)
     cls = ClassConfig(**values)
     if cls.max_slots is not None and cls.min_slots > cls.max_slots:
         raise ConfigError(origin, f"{where}.min_slots",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import ipaddress
 import secrets
 import struct
 from collections.abc import Awaitable, Callable
@@ -296,10 +295,5 @@ class _Unknown(Exception):
 
 
 def _loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    ip = configuration.parse_ip(address)
+    return ip is not None and ip.is_loopback

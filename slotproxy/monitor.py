@@ -14,7 +14,6 @@ again with a backoff; it never stops the proxy.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from .capacity import ServerView
+from .config import parse_ip
 
 logger = logging.getLogger("slotproxy.monitor")
 
@@ -48,13 +48,8 @@ class OwnSessions:
 
 
 def normalize_host(host: str) -> str:
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.compressed
+    ip = parse_ip(host)
+    return host if ip is None else ip.compressed
 
 
 def read_view(rows: list[Mapping], own: OwnSessions) -> tuple[ServerView, set[Hashable]]:

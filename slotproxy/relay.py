@@ -24,16 +24,20 @@ Observer = Callable[[bytes], None]
 
 
 class _Half(asyncio.Protocol):
-    __slots__ = ("count", "peer", "relay", "transport")
+    __slots__ = ("count", "observer", "peer", "relay", "transport")
 
-    def __init__(self, relay: Relay, transport: asyncio.Transport, peer: asyncio.Transport) -> None:
+    def __init__(self, relay: Relay, transport: asyncio.Transport, peer: asyncio.Transport,
+                 observer: Observer | None) -> None:
         self.relay = relay
         self.transport = transport
         self.peer = peer
+        self.observer = observer
         self.count = 0  # bytes read from this side
 
     def data_received(self, data: bytes) -> None:
         self.count += len(data)
+        if self.observer is not None:
+            self.observer(data)
         self.peer.write(data)
 
     # Our transport's write buffer is full: stop reading what fills it.
@@ -45,18 +49,7 @@ class _Half(asyncio.Protocol):
 
 
 class _ClientHalf(_Half):
-    __slots__ = ("observer",)
-
-    def __init__(self, relay: Relay, transport: asyncio.Transport, peer: asyncio.Transport,
-                 observer: Observer | None) -> None:
-        super().__init__(relay, transport, peer)
-        self.observer = observer
-
-    def data_received(self, data: bytes) -> None:
-        self.count += len(data)
-        if self.observer is not None:
-            self.observer(data)
-        self.peer.write(data)
+    __slots__ = ()
 
     def eof_received(self) -> bool:
         self.relay._client_gone()
@@ -68,18 +61,7 @@ class _ClientHalf(_Half):
 
 
 class _ServerHalf(_Half):
-    __slots__ = ("observer",)
-
-    def __init__(self, relay: Relay, transport: asyncio.Transport, peer: asyncio.Transport,
-                 observer: Observer | None) -> None:
-        super().__init__(relay, transport, peer)
-        self.observer = observer
-
-    def data_received(self, data: bytes) -> None:
-        self.count += len(data)
-        if self.observer is not None:
-            self.observer(data)
-        self.peer.write(data)
+    __slots__ = ()
 
     def eof_received(self) -> bool:
         self.relay._server_gone()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 from dataclasses import dataclass
 
-from .config import Address, ClassConfig, ClassMatch, Config
+from .config import Address, ClassConfig, ClassMatch, Config, parse_ip
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +44,8 @@ def matches(match: ClassMatch, user: str, database: str, application_name: str, 
     if match.application_name and not _any_glob(match.application_name, application_name):
         return False
     if match.address:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if not any(ip in net for net in match.address):
+        ip = parse_ip(address)
+        if ip is None or not any(ip in net for net in match.address):
             return False
     return True
 

@@ -89,6 +89,13 @@ class Verifier:
                 f"${_b64(self.stored_key)}:{_b64(self.server_key)}")
 
 
+def _utf8(message: bytes, what: str) -> str:
+    try:
+        return message.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AuthFailed(f"{what} is not UTF-8") from None
+
+
 def _attributes(message: str) -> dict[str, str]:
     found = {}
     for part in message.split(","):
@@ -111,10 +118,7 @@ class ScramServer:
         self._combined_nonce = ""
 
     def first(self, client_first: bytes) -> bytes:
-        try:
-            text = client_first.decode("utf-8")
-        except UnicodeDecodeError:
-            raise AuthFailed("client-first-message is not UTF-8") from None
+        text = _utf8(client_first, "client-first-message")
         gs2_flag, _, rest = text.partition(",")
         authzid, _, bare = rest.partition(",")
         if gs2_flag not in ("n", "y"):
@@ -134,10 +138,7 @@ class ScramServer:
         return self._server_first.encode("ascii")
 
     def final(self, client_final: bytes) -> bytes:
-        try:
-            text = client_final.decode("utf-8")
-        except UnicodeDecodeError:
-            raise AuthFailed("client-final-message is not UTF-8") from None
+        text = _utf8(client_final, "client-final-message")
         without_proof, _, proof_part = text.rpartition(",p=")
         attrs = _attributes(without_proof)
         if attrs.get("c") != _b64(self._gs2.encode("ascii")) or attrs.get("r") != self._combined_nonce:

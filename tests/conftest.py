@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 import uvloop
 
@@ -89,3 +90,30 @@ async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.01)  # wait_until's poll interval
+
+
+class PeakWatcher:
+    """The highest count a query gave, sampled from `conn` until stop() (which closes it).
+
+    By default the server's non-superuser client backends, seen from a superuser connection.
+    """
+
+    SQL = ("select count(*) from pg_stat_activity a join pg_roles r on r.rolname = a.usename "
+           "where a.backend_type = 'client backend' and not r.rolsuper")
+
+    def __init__(self, conn: asyncpg.Connection, sql: str = SQL) -> None:
+        self.conn = conn
+        self.sql = sql
+        self.peak = 0
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, await self.conn.fetchval(self.sql))
+            await asyncio.sleep(0.005)  # sampling interval, not a wait
+
+    async def stop(self) -> int:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.conn.close()
+        return self.peak

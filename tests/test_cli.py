@@ -62,26 +62,40 @@ class ProxyProcess:
 
 
 @pytest.fixture
-async def start_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def run_proxy() -> AsyncIterator[Callable[..., Any]]:
+    """`slotproxy run ARGS...` in a subprocess; killed at the end of the test if still running."""
     started: list[ProxyProcess] = []
 
-    async def start(cluster: Cluster, *flags: str, config: str = "") -> ProxyProcess:
-        cfg = tmp_path / f"slotproxy{len(started)}.toml"
-        cfg.write_text(config)
-        proc = await asyncio.create_subprocess_exec(
-            *SLOTPROXY, "run", "--config", str(cfg), "--listen", "127.0.0.1:0",
-            "--backend", f"{cluster.host}:{cluster.port}", *flags, stderr=asyncio.subprocess.PIPE)
+    async def run(*args: str) -> ProxyProcess:
+        proc = await asyncio.create_subprocess_exec(*SLOTPROXY, "run", *args,
+                                                    stderr=asyncio.subprocess.PIPE)
         p = ProxyProcess(proc)
         started.append(p)
-        await wait_until(lambda: p.port or proc.returncode is not None, "the proxy to listen")
-        assert p.port, p.log()
         return p
 
-    yield start
+    yield run
     for p in started:
         if p.proc.returncode is None:
             p.proc.kill()
             await p.proc.wait()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path, run_proxy: Any) -> Callable[..., Any]:
+    count = 0
+
+    async def start(cluster: Cluster, *flags: str, config: str = "") -> ProxyProcess:
+        nonlocal count
+        cfg = tmp_path / f"slotproxy{count}.toml"
+        count += 1
+        cfg.write_text(config)
+        p = await run_proxy("--config", str(cfg), "--listen", "127.0.0.1:0",
+                            "--backend", f"{cluster.host}:{cluster.port}", *flags)
+        await wait_until(lambda: p.port or p.proc.returncode is not None, "the proxy to listen")
+        assert p.port, p.log()
+        return p
+
+    return start
 
 
 # -- configuration errors --------------------------------------------------------------------
@@ -147,25 +161,18 @@ async def test_check_config_masks_passwords_and_verifiers(tmp_path: Path) -> Non
 # -- running -------------------------------------------------------------------------------------
 
 
-async def test_runs_with_no_file_from_flags_alone(pg: Cluster) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *SLOTPROXY, "run", "--backend", f"{pg.host}:{pg.port}", "--listen", "127.0.0.1:0",
-        "--max-backend-slots", "2", stderr=asyncio.subprocess.PIPE)
-    p = ProxyProcess(proc)
-    try:
-        await wait_until(lambda: p.port, "the proxy to listen")
-        conn = await p.connect(server_settings={"application_name": "flags-only"})
-        assert await conn.fetchval("select 1") == 1
-        await conn.close()
-        await wait_until(lambda: "admitted after" in p.log(), "the admission decision in the log")
-        assert re.search(r"C-\d+ app@postgres 127\.0\.0\.1:\d+ admitted after [\d.]+ s "
-                         r"\(application_name='flags-only'\)", p.log())
-        proc.send_signal(signal.SIGTERM)
-        assert await p.wait_exit() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+async def test_runs_with_no_file_from_flags_alone(pg: Cluster, run_proxy: Any) -> None:
+    p = await run_proxy("--backend", f"{pg.host}:{pg.port}", "--listen", "127.0.0.1:0",
+                        "--max-backend-slots", "2")
+    await wait_until(lambda: p.port, "the proxy to listen")
+    conn = await p.connect(server_settings={"application_name": "flags-only"})
+    assert await conn.fetchval("select 1") == 1
+    await conn.close()
+    await wait_until(lambda: "admitted after" in p.log(), "the admission decision in the log")
+    assert re.search(r"C-\d+ app@postgres 127\.0\.0\.1:\d+ admitted after [\d.]+ s "
+                     r"\(application_name='flags-only'\)", p.log())
+    p.proc.send_signal(signal.SIGTERM)
+    assert await p.wait_exit() == 0
 
 
 async def test_cannot_listen_exits_1_saying_why(pg: Cluster, start_proxy: Any) -> None:
@@ -229,7 +236,7 @@ async def test_a_second_signal_closes_at_once(pg: Cluster, start_proxy: Any) -> 
 
 
 async def test_sighup_reloads_live_and_an_invalid_file_changes_nothing(
-        pg: Cluster, tmp_path: Path) -> None:
+        pg: Cluster, tmp_path: Path, run_proxy: Any) -> None:
     from slotproxy.cluster import free_port
 
     port = free_port()
@@ -237,42 +244,36 @@ async def test_sighup_reloads_live_and_an_invalid_file_changes_nothing(
     text = (f'[proxy]\nlisten = "127.0.0.1:{port}"\n[backend]\nhost = "{pg.host}"\nport = {pg.port}\n'
             '[admission]\nmax_backend_slots = 1\nqueue_timeout = 60\n')
     path.write_text(text)
-    proc = await asyncio.create_subprocess_exec(*SLOTPROXY, "run", "--config", str(path), "--log-level",
-                                                "debug", stderr=asyncio.subprocess.PIPE)
-    p = ProxyProcess(proc)
-    try:
-        await wait_until(lambda: p.port, "the proxy to listen")
-        first = await p.connect()
-        waiters = [asyncio.create_task(p.connect()) for _ in range(2)]
-        await wait_until(lambda: p.log().count("queued (class default)") == 2, "two clients queued")
+    p = await run_proxy("--config", str(path), "--log-level", "debug")
+    await wait_until(lambda: p.port, "the proxy to listen")
+    first = await p.connect()
+    waiters = [asyncio.create_task(p.connect()) for _ in range(2)]
+    await wait_until(lambda: p.log().count("queued (class default)") == 2, "two clients queued")
 
-        path.write_text(text.replace("max_backend_slots = 1", "max_backend_slots = 3"))
-        proc.send_signal(signal.SIGHUP)
-        second, third = await asyncio.wait_for(asyncio.gather(*waiters), 10)  # admitted at once
-        assert "admission.max_backend_slots 1 -> 3" in p.log()
+    path.write_text(text.replace("max_backend_slots = 1", "max_backend_slots = 3"))
+    p.proc.send_signal(signal.SIGHUP)
+    second, third = await asyncio.wait_for(asyncio.gather(*waiters), 10)  # admitted at once
+    assert "admission.max_backend_slots 1 -> 3" in p.log()
 
-        path.write_text(text.replace("max_backend_slots = 1", "max_backend_slots = -4"))
-        proc.send_signal(signal.SIGHUP)
-        await wait_until(lambda: "reload failed" in p.log(), "the failed reload in the log")
-        assert "admission.max_backend_slots: must be >= 1, got -4" in p.log()
-        fourth = asyncio.create_task(p.connect())
-        await wait_until(lambda: p.log().count("queued (class default)") == 3,
-                         "the old limit of 3 still holding the fourth client")
-        for conn in (first, second, third):  # no session was dropped by either reload
-            assert await conn.fetchval("select 1") == 1
-        await first.close()
-        await (await asyncio.wait_for(fourth, 10)).close()
-        for conn in (second, third):
-            await conn.close()
-        proc.send_signal(signal.SIGTERM)
-        assert await p.wait_exit() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    path.write_text(text.replace("max_backend_slots = 1", "max_backend_slots = -4"))
+    p.proc.send_signal(signal.SIGHUP)
+    await wait_until(lambda: "reload failed" in p.log(), "the failed reload in the log")
+    assert "admission.max_backend_slots: must be >= 1, got -4" in p.log()
+    fourth = asyncio.create_task(p.connect())
+    await wait_until(lambda: p.log().count("queued (class default)") == 3,
+                     "the old limit of 3 still holding the fourth client")
+    for conn in (first, second, third):  # no session was dropped by either reload
+        assert await conn.fetchval("select 1") == 1
+    await first.close()
+    await (await asyncio.wait_for(fourth, 10)).close()
+    for conn in (second, third):
+        await conn.close()
+    p.proc.send_signal(signal.SIGTERM)
+    assert await p.wait_exit() == 0
 
 
-async def test_two_workers_share_the_port_and_serve_a_burst(pg: Cluster, tmp_path: Path) -> None:
+async def test_two_workers_share_the_port_and_serve_a_burst(
+        pg: Cluster, tmp_path: Path, run_proxy: Any) -> None:
     from slotproxy.cluster import free_port
 
     port = free_port()
@@ -280,61 +281,48 @@ async def test_two_workers_share_the_port_and_serve_a_burst(pg: Cluster, tmp_pat
     path.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\nworkers = 2\n'
                     f'[backend]\nhost = "{pg.host}"\nport = {pg.port}\n'
                     '[admission]\nmax_backend_slots = 4\nqueue_timeout = 60\n')
-    proc = await asyncio.create_subprocess_exec(*SLOTPROXY, "run", "--config", str(path),
-                                                stderr=asyncio.subprocess.PIPE)
-    p = ProxyProcess(proc)
+    p = await run_proxy("--config", str(path))
     p.port = port
-    try:
-        await wait_until(lambda: p.log().count(f"listening on 127.0.0.1:{port}") == 2,
-                         "both workers listening")
-        assert "W0 " in p.log() and "W1 " in p.log()
-        outcomes = await asyncio.gather(*(one_client("127.0.0.1", port, "app", "postgres", hold=0.1)
-                                          for _ in range(40)))
-        assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
-        admitted = [line for line in p.lines if "admitted after" in line]
-        assert len(admitted) == 40
-        assert any(line.startswith("W0 ") for line in admitted) and \
-            any(line.startswith("W1 ") for line in admitted), "both workers accepted clients"
-        proc.send_signal(signal.SIGTERM)
-        assert await p.wait_exit() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    await wait_until(lambda: p.log().count(f"listening on 127.0.0.1:{port}") == 2,
+                     "both workers listening")
+    assert "W0 " in p.log() and "W1 " in p.log()
+    outcomes = await asyncio.gather(*(one_client("127.0.0.1", port, "app", "postgres", hold=0.1)
+                                      for _ in range(40)))
+    assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
+    admitted = [line for line in p.lines if "admitted after" in line]
+    assert len(admitted) == 40
+    assert any(line.startswith("W0 ") for line in admitted) and \
+        any(line.startswith("W1 ") for line in admitted), "both workers accepted clients"
+    p.proc.send_signal(signal.SIGTERM)
+    assert await p.wait_exit() == 0
 
 
-async def test_a_restarted_worker_is_paused_like_the_others(pg: Cluster, tmp_path: Path) -> None:
+async def test_a_restarted_worker_is_paused_like_the_others(
+        pg: Cluster, tmp_path: Path, run_proxy: Any) -> None:
     from slotproxy.cluster import free_port
 
     port = free_port()
     path = tmp_path / "workers.toml"
     path.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\nworkers = 2\n'
                     f'[backend]\nhost = "{pg.host}"\nport = {pg.port}\n[admin]\ntrust_loopback = true\n')
-    proc = await asyncio.create_subprocess_exec(*SLOTPROXY, "run", "--config", str(path),
-                                                stderr=asyncio.subprocess.PIPE)
-    p = ProxyProcess(proc)
+    p = await run_proxy("--config", str(path))
 
     def paused(worker: str) -> int:
         return sum(1 for line in p.lines if line.startswith(f"{worker} ") and "paused admission" in line)
 
-    try:
-        await wait_until(lambda: p.log().count(f"listening on 127.0.0.1:{port}") == 2,
-                         "both workers listening")
-        psql = await asyncio.create_subprocess_exec(
-            "psql", "-X", "-w", "-h", "127.0.0.1", "-p", str(port), "-d", "slotproxy", "-U", "ops",
-            "-c", "PAUSE", stdout=asyncio.subprocess.DEVNULL)
-        assert await psql.wait() == 0
-        await wait_until(lambda: paused("W0") == 1 and paused("W1") == 1, "both workers paused")
-        [pid] = [int(m.group(1)) for line in p.lines
-                 if (m := re.search(r"worker 0 started \(pid (\d+)", line))]
-        os.kill(pid, signal.SIGKILL)
-        await wait_until(lambda: paused("W0") == 2, "the restarted worker paused as well", timeout=15)
-        proc.send_signal(signal.SIGTERM)
-        assert await p.wait_exit() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    await wait_until(lambda: p.log().count(f"listening on 127.0.0.1:{port}") == 2,
+                     "both workers listening")
+    psql = await asyncio.create_subprocess_exec(
+        "psql", "-X", "-w", "-h", "127.0.0.1", "-p", str(port), "-d", "slotproxy", "-U", "ops",
+        "-c", "PAUSE", stdout=asyncio.subprocess.DEVNULL)
+    assert await psql.wait() == 0
+    await wait_until(lambda: paused("W0") == 1 and paused("W1") == 1, "both workers paused")
+    [pid] = [int(m.group(1)) for line in p.lines
+             if (m := re.search(r"worker 0 started \(pid (\d+)", line))]
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: paused("W0") == 2, "the restarted worker paused as well", timeout=15)
+    p.proc.send_signal(signal.SIGTERM)
+    assert await p.wait_exit() == 0
 
 
 async def test_json_logs_carry_the_connection_fields(pg: Cluster, start_proxy: Any) -> None:

@@ -18,7 +18,7 @@ from slotproxy.cluster import Cluster
 from slotproxy.demo import one_client
 from slotproxy.server import Proxy
 
-from .conftest import ALICE_PASSWORD, HBA, wait_until
+from .conftest import ALICE_PASSWORD, HBA, PeakWatcher, wait_until
 
 
 def at(proxy: Proxy) -> dict[str, Any]:
@@ -39,29 +39,6 @@ async def alice(proxy: Proxy, hold: float = 0.05) -> Any:
     finally:
         await conn.close()
     return asyncio.get_running_loop().time() - started
-
-
-class PeakWatcher:
-    """Samples the server's non-superuser client backends from a superuser connection."""
-
-    SQL = ("select count(*) from pg_stat_activity a join pg_roles r on r.rolname = a.usename "
-           "where a.backend_type = 'client backend' and not r.rolsuper")
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self.conn = conn
-        self.peak = 0
-        self.task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            self.peak = max(self.peak, await self.conn.fetchval(self.SQL))
-            await asyncio.sleep(0.005)  # sampling interval, not a wait
-
-    async def stop(self) -> int:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-        await self.conn.close()
-        return self.peak
 
 
 def monitored(cluster: Cluster, interval: float = 0.2, **admission: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from slotproxy.cluster import Cluster
 from slotproxy.demo import one_client
 from slotproxy.server import Proxy
 
-from .conftest import ALICE_PASSWORD, wait_until
+from .conftest import ALICE_PASSWORD, PeakWatcher, wait_until
 from .pgraw import TERMINATE, RawClient, query
 
 
@@ -51,15 +51,6 @@ async def test_sixty_clients_all_get_through_where_direct_ones_are_refused(
         pg: Cluster, proxy_factory: Any) -> None:
     proxy = await proxy_factory(pg, admission={"max_backend_slots": 8, "queue_timeout": 60})
     observer = await asyncpg.connect(pg.dsn())  # superuser, one of the 2 slots the proxy leaves
-    peak = 0
-
-    async def watch() -> None:
-        nonlocal peak
-        while True:
-            n = await observer.fetchval(
-                "select count(*) from pg_stat_activity where usename = 'app'")
-            peak = max(peak, n)
-            await asyncio.sleep(0.005)  # sampling interval of the watcher, not a wait
 
     direct = await asyncio.gather(*(one_client(pg.host, pg.port, "app", "postgres", hold=0.3)
                                     for _ in range(60)))
@@ -68,11 +59,10 @@ async def test_sixty_clients_all_get_through_where_direct_ones_are_refused(
     assert {o.sqlstate for o in refused} == {"53300"}
     assert any("too many clients" in (o.message or "") for o in refused)
 
-    watcher = asyncio.create_task(watch())
+    watcher = PeakWatcher(observer, "select count(*) from pg_stat_activity where usename = 'app'")
     proxied = await asyncio.gather(*(one_client(**at(proxy), user="app", database="postgres", hold=0.3)
                                      for _ in range(60)))
-    watcher.cancel()
-    await observer.close()
+    peak = await watcher.stop()
     failed = [o for o in proxied if not o.ok]
     assert not failed, f"through the proxy every client must succeed: {failed[:3]}"
     assert 0 < peak <= 8, f"the server saw {peak} proxied sessions at once; the limit is 8"
