@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import config as configuration
-from . import tlsconfig
+from . import tlsconfig, wire
 from .capacity import Snapshot
 from .config import Address, Config, Override
 from .endpoints import AdminEndpoints
@@ -130,6 +130,9 @@ class Proxy:
         self._listeners.append(listener)
         servers = "; ".join(f"server {u.address}: {u.capacity.describe()}" for u in self.upstreams.values())
         logger.info("listening on %s; %s", ", ".join(str(a) for a in self.addresses), servers)
+        if wire.CompiledWalker is None:
+            logger.warning("slotproxy._walker was not built at install (no C compiler?): sessions are "
+                           "followed in Python, which costs several microseconds of CPU per query more")
 
     @property
     def addresses(self) -> list[Address]:

@@ -605,7 +605,7 @@ class Session:
         else:
             tracker = self.tracker = wire.SessionTracker(self.loop.time)
             self.relay = relay = Relay(self.transport, server, loop=self.loop,
-                                       client_observer=tracker.from_client,
+                                       client_observer=tracker.walker.from_client,
                                        server_observer=self._startup_observer,
                                        on_client_gone=self._client_left_session)
             tracker.from_client(bytes(early))
@@ -657,8 +657,8 @@ class Session:
                     "cannot be retried for a password login: raise admission.headroom "
                     "or lower admission.max_backend_slots", fields.get("M", ""))
         tracker.errors.clear()
-        if tracker.ready or tracker.lost:
-            self.relay.set_server_observer(tracker.from_server)
+        if tracker.walker.ready or tracker.walker.lost:
+            self.relay.set_server_observer(tracker.walker.from_server)
 
     @property
     def state(self) -> str:

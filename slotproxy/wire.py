@@ -406,52 +406,45 @@ _CLIENT_KIND[ord("X")] = _TERMINATE
 _CLIENT_KIND = bytes(_CLIENT_KIND)
 
 
-class SessionTracker:
-    """Follows both directions of a relayed session to know what it is doing.
-
-    A session is `active` from a client request until the ReadyForQuery that
-    answers it, while extended-protocol messages await their Sync, and while
-    either side is midway through a message; otherwise idle, idle in a
-    transaction, or idle in a failed one (the status byte of the last
-    ReadyForQuery). Before its first
-    ReadyForQuery it is `starting`; meanwhile the tracker keeps the
-    BackendKeyData and any ErrorResponse for the session to read. `since` is
-    the `clock()` reading at the last change between active and not.
+class Walker:
+    """Follows the framing of both directions of a relayed session.
 
     It runs on every chunk of every result, so it reads message headers only
     and skips bodies without copying them. A message whose header is split
     across two chunks is carried over and joined with the next chunk.
+    This is the reference; `slotproxy._walker.Walker`, the same in C, runs
+    where it was compiled, and the tests hold the two to the same cases.
+
+    `pending` counts requests that await their ReadyForQuery, `batch` says
+    extended-protocol messages were sent since the last Sync, `status` is the
+    last ReadyForQuery's status byte, `since` the `clock()` reading at the
+    last change between working and not. Before the first ReadyForQuery,
+    BackendKeyData and ErrorResponse messages are kept in `held` as
+    (type, body) for the caller to take.
     """
 
-    __slots__ = ("_c_carry", "_c_skip", "_clock", "_s_carry", "_s_skip", "backend_key", "batch",
-                 "errors", "lost", "pending", "ready", "since", "terminated", "txn")
+    __slots__ = ("_c_carry", "_c_skip", "_clock", "_s_carry", "_s_skip", "batch", "held", "lost",
+                 "pending", "ready", "since", "status", "terminated")
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self.pending = 0  # requests sent that await their ReadyForQuery
-        self.batch = False  # extended-protocol messages sent since the last Sync
-        self.txn = IDLE
+        self.pending = 0
+        self.batch = False
+        self.status = ord("I")
         self.ready = False  # the first ReadyForQuery was seen: startup is over
         self.terminated = False  # the client sent Terminate
         self.since = clock()
-        self.backend_key: tuple[int, bytes] | None = None
-        self.errors: list[dict[str, str]] = []  # ErrorResponses before the first ReadyForQuery
+        self.held: list[tuple[int, bytes]] = []
         self._c_skip = self._s_skip = 0  # bytes left of a message body being skipped
         self._c_carry = self._s_carry = b""  # the start of a message split across chunks
-        # The stream stopped making sense (a length below 4): from then on the session
-        # counts as active, so it is never reclaimed; the bytes still flow.
+        # The stream stopped making sense: from then on the session counts as
+        # active, so it is never reclaimed; the bytes still flow.
         self.lost = False
 
     @property
-    def state(self) -> str:
-        if self.lost:
-            return ACTIVE
-        if not self.ready:
-            return STARTING
-        if (self.pending or self.batch or self._c_carry or self._c_skip
-                or self._s_carry or self._s_skip):
-            return ACTIVE  # a request in flight, or a message half sent either way
-        return self.txn
+    def midway(self) -> bool:
+        """Whether either side is partway through a message."""
+        return bool(self._c_carry or self._c_skip or self._s_carry or self._s_skip)
 
     def from_client(self, data: bytes) -> None:
         if self.lost:
@@ -466,6 +459,7 @@ class SessionTracker:
             return
         unpack = _INT32.unpack_from
         kinds = _CLIENT_KIND
+        started = False
         while n - pos >= 5:
             kind = kinds[data[pos]]
             if kind:
@@ -473,7 +467,7 @@ class SessionTracker:
                     self.terminated = True
                 else:
                     if not (self.pending or self.batch):
-                        self.since = self._clock()
+                        started = True
                     if kind == _BATCH:
                         self.batch = True
                     else:
@@ -483,14 +477,17 @@ class SessionTracker:
             (length,) = unpack(data, pos + 1)
             if length < 4:
                 self.lost = True
-                return
+                break
             pos += 1 + length
-        if pos > n:
-            self._c_skip = pos - n
         else:
-            self._c_skip = 0
-            if pos < n:
-                self._c_carry = data[pos:]
+            if pos > n:
+                self._c_skip = pos - n
+            else:
+                self._c_skip = 0
+                if pos < n:
+                    self._c_carry = data[pos:]
+        if started:
+            self.since = self._clock()
 
     def from_server(self, data: bytes) -> None:
         if self.lost:
@@ -504,42 +501,94 @@ class SessionTracker:
             self._s_skip = pos - n
             return
         unpack = _INT32.unpack_from
+        stopped = False
         while n - pos >= 5:
             mtype = data[pos]
             (length,) = unpack(data, pos + 1)
-            if length < 4:
+            if length < 4 or (mtype == _Z and length != 5):
                 self.lost = True
-                return
+                break
             end = pos + 1 + length
             if mtype == _Z:
                 if end > n:
                     break  # its status byte is in the next chunk
-                self._ready_for_query(data[pos + 5])
+                if self.pending:
+                    self.pending -= 1
+                if not (self.pending or self.batch):
+                    stopped = True
+                self.status = data[pos + 5]
+                self.ready = True
             elif not self.ready and (mtype == _K or mtype == _E) and length <= _MAX_STARTUP_BODY:
                 if end > n:
                     break  # carried over whole: its body is needed
-                self._startup_message(mtype, data[pos + 5:end])
+                self.held.append((mtype, data[pos + 5:end]))
             pos = end
-        if pos > n:
-            self._s_skip = pos - n
-        else:
-            self._s_skip = 0
-            if pos < n:
-                self._s_carry = data[pos:]
-
-    def _ready_for_query(self, status: int) -> None:
-        if self.pending:
-            self.pending -= 1
-        if not (self.pending or self.batch):
-            self.since = self._clock()
-        self.txn = _TXN_STATES.get(status, IDLE)
-        self.ready = True
-
-    def _startup_message(self, mtype: int, body: bytes) -> None:
-        try:
-            if mtype == _K:
-                self.backend_key = parse_backend_key(body)
+        if not self.lost:
+            if pos > n:
+                self._s_skip = pos - n
             else:
-                self.errors.append(parse_fields(body))
-        except ProtocolError:
-            pass  # the client will make of it what it can
+                self._s_skip = 0
+                if pos < n:
+                    self._s_carry = data[pos:]
+        if stopped:
+            self.since = self._clock()
+
+
+try:
+    from ._walker import Walker as CompiledWalker
+except ImportError:  # installed without a C compiler: the reference walker does the same, slower
+    CompiledWalker = None
+DEFAULT_WALKER: type = CompiledWalker or Walker  # what sessions use
+
+
+class SessionTracker:
+    """Follows both directions of a relayed session to know what it is doing.
+
+    A session is `active` from a client request until the ReadyForQuery that
+    answers it, while extended-protocol messages await their Sync, and while
+    either side is midway through a message; otherwise idle, idle in a
+    transaction, or idle in a failed one (the status byte of the last
+    ReadyForQuery). Before its first ReadyForQuery it is `starting`; meanwhile
+    `from_server` keeps the BackendKeyData and any ErrorResponse for the
+    session to read. Once started, the relay feeds `walker` directly.
+    """
+
+    __slots__ = ("backend_key", "errors", "walker")
+
+    def __init__(self, clock: Callable[[], float], walker: type | None = None) -> None:
+        self.walker = (walker or DEFAULT_WALKER)(clock)
+        self.backend_key: tuple[int, bytes] | None = None
+        self.errors: list[dict[str, str]] = []  # ErrorResponses before the first ReadyForQuery
+
+    @property
+    def state(self) -> str:
+        w = self.walker
+        if w.lost:
+            return ACTIVE
+        if not w.ready:
+            return STARTING
+        if w.pending or w.batch or w.midway:
+            return ACTIVE  # a request in flight, or a message half sent either way
+        return _TXN_STATES.get(w.status, IDLE)
+
+    @property
+    def since(self) -> float:
+        return self.walker.since
+
+    def from_client(self, data: bytes) -> None:
+        self.walker.from_client(data)
+
+    def from_server(self, data: bytes) -> None:
+        """Follows what the server sends, and takes what startup held back."""
+        walker = self.walker
+        walker.from_server(data)
+        if walker.held:
+            for mtype, body in walker.held:
+                try:
+                    if mtype == _K:
+                        self.backend_key = parse_backend_key(body)
+                    else:
+                        self.errors.append(parse_fields(body))
+                except ProtocolError:
+                    pass  # the client will make of it what it can
+            walker.held.clear()

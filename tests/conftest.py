@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 import uvloop
 
-from slotproxy import config
+from slotproxy import config, wire
 from slotproxy.cluster import Cluster, Template
 from slotproxy.server import Proxy
 
@@ -24,6 +24,14 @@ host all all   ::1/128      trust
 ALICE_PASSWORD = "wonderland"
 ROLES_SQL = (f"create role app login; create role alice login password '{ALICE_PASSWORD}'; "
              "create role repl login replication;")
+
+# Session tracking runs on the compiled walker, or on the reference one where no
+# compiler was at hand at install: tests that follow sessions run on both.
+WALKERS = [
+    pytest.param(wire.Walker, id="python-walker"),
+    pytest.param(wire.CompiledWalker, id="compiled-walker", marks=pytest.mark.skipif(
+        wire.CompiledWalker is None, reason="slotproxy._walker was not built (no C compiler at install)")),
+]
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:

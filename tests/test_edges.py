@@ -276,3 +276,17 @@ async def test_log_connections_off_keeps_refusals_in_the_log(
     admitted = [line for line in lines if "admitted" in line]
     assert len(admitted) == (1 if log_connections else 0), lines
     assert sum("refused (queue_full) after" in line for line in lines) == 1, lines
+
+
+async def test_without_the_compiled_walker_the_proxy_says_so_and_serves(
+        pg: Cluster, proxy_factory: Any, caplog: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "CompiledWalker", None)  # as installed without a C compiler
+    monkeypatch.setattr(wire, "DEFAULT_WALKER", wire.Walker)
+    caplog.set_level(logging.WARNING, logger="slotproxy")
+    proxy = await proxy_factory(pg)
+    assert "slotproxy._walker was not built at install" in caplog.text
+    conn = await asyncpg.connect(**at(proxy), user="app", database="postgres")
+    assert await conn.fetchval("select 1") == 1
+    [session] = proxy.sessions
+    assert type(session.tracker.walker) is wire.Walker and session.state == wire.IDLE
+    await conn.close()

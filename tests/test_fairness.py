@@ -8,10 +8,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from slotproxy import wire
 from slotproxy.cluster import Cluster
 from slotproxy.server import Proxy
 
-from .conftest import wait_until
+from .conftest import WALKERS, wait_until
 from .pgraw import TERMINATE, RawClient, query
 
 
@@ -203,12 +204,15 @@ async def test_without_idle_timeout_the_arrivals_wait_out_their_deadline(
         raw.send(TERMINATE)
 
 
+@pytest.mark.parametrize("walker", WALKERS)
 async def test_busy_sessions_and_idle_ones_nobody_waits_for_are_left_alone(
-        pg: Cluster, proxy_factory: Any) -> None:
+        pg: Cluster, proxy_factory: Any, walker: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "DEFAULT_WALKER", walker)
     proxy = await proxy_factory(pg, admission={"max_backend_slots": 2, "queue_timeout": 30,
                                                "idle_timeout": 0.3})
     idle = await asyncpg.connect(**at(proxy), user="app", database="postgres")
     [session] = proxy.sessions
+    assert type(session.tracker.walker) is walker
     loop = asyncio.get_running_loop()
     await wait_until(lambda: loop.time() - session.tracker.since > 0.9,
                      "three idle timeouts with nobody waiting")

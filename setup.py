@@ -1,0 +1,9 @@
+"""The compiled framing walker; everything else is in pyproject.toml.
+
+It is optional: without a C compiler the install goes on and slotproxy uses
+the same walker in Python (wire.Walker), which costs more CPU per message.
+"""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("slotproxy._walker", ["slotproxy/_walker.c"], optional=True)])

@@ -1,0 +1,344 @@
+/* The compiled framing walker behind wire.SessionTracker.
+ *
+ * It runs on every chunk relayed either way, so it is here in C; wire.Walker
+ * is the same walker in Python (the reference, and the fallback where no
+ * compiler was at hand). Both read message headers only and skip bodies; the
+ * tests run the same cases through both.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+
+#define MAX_STARTUP_BODY (64 * 1024)
+
+/* A message length (up to 2^31 - 1) is added to a position: no overflow on 64 bits.
+ * Elsewhere the build fails, and the install falls back to the Python walker. */
+_Static_assert(sizeof(Py_ssize_t) >= 8, "positions need 64 bits");
+
+/* What each client message type means for the session (see wire._CLIENT_KIND). */
+enum { NOTHING, REQUEST, SYNC, BATCH, TERMINATE };
+static unsigned char client_kind[256];
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *clock;
+    PyObject *c_carry; /* bytes: the start of a message split across chunks, or NULL */
+    PyObject *s_carry;
+    PyObject *held; /* list of (type, body): BackendKeyData and ErrorResponse before ready */
+    Py_ssize_t c_skip; /* bytes left of a message body being skipped */
+    Py_ssize_t s_skip;
+    Py_ssize_t pending;
+    double since;
+    int status;
+    char batch, ready, terminated, lost;
+} Walker;
+
+static int32_t
+read_int32(const unsigned char *p)
+{
+    return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3]);
+}
+
+static int
+tick(Walker *self)
+{
+    PyObject *now = PyObject_CallNoArgs(self->clock);
+    if (now == NULL)
+        return -1;
+    double value = PyFloat_AsDouble(now);
+    Py_DECREF(now);
+    if (value == -1.0 && PyErr_Occurred())
+        return -1;
+    self->since = value;
+    return 0;
+}
+
+static int
+Walker_init(Walker *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"clock", NULL};
+    PyObject *clock;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:Walker", kwlist, &clock))
+        return -1;
+    Py_INCREF(clock);
+    Py_XSETREF(self->clock, clock);
+    Py_CLEAR(self->c_carry);
+    Py_CLEAR(self->s_carry);
+    Py_XSETREF(self->held, PyList_New(0));
+    if (self->held == NULL)
+        return -1;
+    self->c_skip = self->s_skip = self->pending = 0;
+    self->status = 'I';
+    self->batch = self->ready = self->terminated = self->lost = 0;
+    return tick(self);
+}
+
+static int
+Walker_traverse(Walker *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->clock);
+    Py_VISIT(self->held);
+    return 0;
+}
+
+static int
+Walker_clear(Walker *self)
+{
+    Py_CLEAR(self->clock);
+    Py_CLEAR(self->c_carry);
+    Py_CLEAR(self->s_carry);
+    Py_CLEAR(self->held);
+    return 0;
+}
+
+static void
+Walker_dealloc(Walker *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Walker_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+/* The chunk to walk: `data`, after what was carried over from the last one.
+ * On success *joined holds a new bytes object to release, or NULL when the
+ * view is `data` itself. */
+static int
+open_chunk(PyObject **carry, PyObject *data, Py_buffer *view, PyObject **joined)
+{
+    *joined = NULL;
+    if (PyObject_GetBuffer(data, view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (*carry == NULL)
+        return 0;
+    Py_ssize_t kept = PyBytes_GET_SIZE(*carry);
+    PyObject *whole = PyBytes_FromStringAndSize(NULL, kept + view->len);
+    if (whole == NULL) {
+        PyBuffer_Release(view);
+        return -1;
+    }
+    memcpy(PyBytes_AS_STRING(whole), PyBytes_AS_STRING(*carry), kept);
+    memcpy(PyBytes_AS_STRING(whole) + kept, view->buf, view->len);
+    PyBuffer_Release(view);
+    Py_CLEAR(*carry);
+    *joined = whole;
+    return PyObject_GetBuffer(whole, view, PyBUF_SIMPLE) < 0 ? -1 : 0;
+}
+
+/* Where the walk stopped: skip the rest of a body, or carry a message's start. */
+static int
+close_chunk(PyObject **carry, Py_ssize_t *skip, const unsigned char *p, Py_ssize_t pos, Py_ssize_t n)
+{
+    if (pos > n) {
+        *skip = pos - n;
+        return 0;
+    }
+    *skip = 0;
+    if (pos < n) {
+        *carry = PyBytes_FromStringAndSize((const char *)p + pos, n - pos);
+        if (*carry == NULL)
+            return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+Walker_from_client(Walker *self, PyObject *data)
+{
+    if (self->lost)
+        Py_RETURN_NONE;
+    Py_buffer view;
+    PyObject *joined;
+    Py_ssize_t pos = self->c_skip;
+    if (open_chunk(&self->c_carry, data, &view, &joined) < 0) {
+        Py_XDECREF(joined);
+        return NULL;
+    }
+    const unsigned char *p = view.buf;
+    Py_ssize_t n = view.len;
+    int started = 0, failed = 0;
+    if (pos >= n) {
+        self->c_skip = pos - n;
+        goto done;
+    }
+    while (n - pos >= 5) {
+        unsigned char kind = client_kind[p[pos]];
+        if (kind == TERMINATE) {
+            self->terminated = 1;
+        }
+        else if (kind != NOTHING) {
+            if (!(self->pending || self->batch))
+                started = 1;
+            if (kind == BATCH) {
+                self->batch = 1;
+            }
+            else {
+                self->pending++;
+                if (kind == SYNC)
+                    self->batch = 0;
+            }
+        }
+        int32_t length = read_int32(p + pos + 1);
+        if (length < 4) {
+            self->lost = 1;
+            goto done;
+        }
+        pos += 1 + (Py_ssize_t)length;
+    }
+    failed = close_chunk(&self->c_carry, &self->c_skip, p, pos, n);
+done:
+    PyBuffer_Release(&view);
+    Py_XDECREF(joined);
+    if (failed || (started && tick(self) < 0))
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Walker_from_server(Walker *self, PyObject *data)
+{
+    if (self->lost)
+        Py_RETURN_NONE;
+    Py_buffer view;
+    PyObject *joined;
+    Py_ssize_t pos = self->s_skip;
+    if (open_chunk(&self->s_carry, data, &view, &joined) < 0) {
+        Py_XDECREF(joined);
+        return NULL;
+    }
+    const unsigned char *p = view.buf;
+    Py_ssize_t n = view.len;
+    int stopped = 0, failed = 0;
+    if (pos >= n) {
+        self->s_skip = pos - n;
+        goto done;
+    }
+    while (n - pos >= 5) {
+        unsigned char mtype = p[pos];
+        int32_t length = read_int32(p + pos + 1);
+        if (length < 4 || (mtype == 'Z' && length != 5)) {
+            self->lost = 1;
+            goto done;
+        }
+        Py_ssize_t end = pos + 1 + (Py_ssize_t)length;
+        if (mtype == 'Z') {
+            if (end > n)
+                break; /* its status byte is in the next chunk */
+            if (self->pending)
+                self->pending--;
+            if (!(self->pending || self->batch))
+                stopped = 1;
+            self->status = p[pos + 5];
+            self->ready = 1;
+        }
+        else if (!self->ready && (mtype == 'K' || mtype == 'E') && length <= MAX_STARTUP_BODY) {
+            if (end > n)
+                break; /* carried over whole: its body is needed */
+            PyObject *message = Py_BuildValue("(iy#)", (int)mtype, (const char *)p + pos + 5,
+                                              (Py_ssize_t)(length - 4));
+            if (message == NULL || PyList_Append(self->held, message) < 0) {
+                Py_XDECREF(message);
+                failed = 1;
+                goto done;
+            }
+            Py_DECREF(message);
+        }
+        pos = end;
+    }
+    failed = close_chunk(&self->s_carry, &self->s_skip, p, pos, n);
+done:
+    PyBuffer_Release(&view);
+    Py_XDECREF(joined);
+    if (failed || (stopped && tick(self) < 0))
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Walker_get_midway(Walker *self, void *closure)
+{
+    return PyBool_FromLong(self->c_carry || self->c_skip || self->s_carry || self->s_skip);
+}
+
+static PyMethodDef Walker_methods[] = {
+    {"from_client", (PyCFunction)Walker_from_client, METH_O, "Follow a chunk the client sent."},
+    {"from_server", (PyCFunction)Walker_from_server, METH_O, "Follow a chunk the server sent."},
+    {NULL},
+};
+
+static PyMemberDef Walker_members[] = {
+    {"pending", T_PYSSIZET, offsetof(Walker, pending), READONLY, "requests awaiting their ReadyForQuery"},
+    {"since", T_DOUBLE, offsetof(Walker, since), READONLY, "clock reading at the last change of activity"},
+    {"status", T_INT, offsetof(Walker, status), READONLY, "status byte of the last ReadyForQuery"},
+    {"batch", T_BOOL, offsetof(Walker, batch), READONLY, "extended-protocol messages since the last Sync"},
+    {"ready", T_BOOL, offsetof(Walker, ready), READONLY, "the first ReadyForQuery was seen"},
+    {"terminated", T_BOOL, offsetof(Walker, terminated), READONLY, "the client sent Terminate"},
+    {"lost", T_BOOL, offsetof(Walker, lost), READONLY, "the stream stopped making sense"},
+    {"held", T_OBJECT, offsetof(Walker, held), READONLY, "(type, body) of K and E messages before ready"},
+    {NULL},
+};
+
+static PyGetSetDef Walker_getset[] = {
+    {"midway", (getter)Walker_get_midway, NULL, "a message is half through either way", NULL},
+    {NULL},
+};
+
+static PyType_Slot Walker_slots[] = {
+    {Py_tp_doc, "Follows the framing of both directions of a session (see wire.Walker)."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, Walker_init},
+    {Py_tp_dealloc, Walker_dealloc},
+    {Py_tp_traverse, Walker_traverse},
+    {Py_tp_clear, Walker_clear},
+    {Py_tp_methods, Walker_methods},
+    {Py_tp_members, Walker_members},
+    {Py_tp_getset, Walker_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Walker_spec = {
+    .name = "slotproxy._walker.Walker",
+    .basicsize = sizeof(Walker),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = Walker_slots,
+};
+
+static int
+walker_exec(PyObject *module)
+{
+    const char *requests = "QF", *batch = "PBEDCH";
+    for (const char *c = requests; *c; c++)
+        client_kind[(unsigned char)*c] = REQUEST;
+    for (const char *c = batch; *c; c++)
+        client_kind[(unsigned char)*c] = BATCH;
+    client_kind['S'] = SYNC;
+    client_kind['X'] = TERMINATE;
+    PyObject *type = PyType_FromModuleAndSpec(module, &Walker_spec, NULL);
+    if (type == NULL)
+        return -1;
+    int rc = PyModule_AddObjectRef(module, "Walker", type);
+    Py_DECREF(type);
+    return rc;
+}
+
+static PyModuleDef_Slot walker_module_slots[] = {
+    {Py_mod_exec, walker_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef walker_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "slotproxy._walker",
+    .m_doc = "The compiled framing walker behind wire.SessionTracker.",
+    .m_size = 0,
+    .m_slots = walker_module_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__walker(void)
+{
+    return PyModuleDef_Init(&walker_module);
+}
