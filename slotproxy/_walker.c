@@ -138,16 +138,28 @@ close_chunk(PyObject **carry, Py_ssize_t *skip, const unsigned char *p, Py_ssize
     }
     *skip = 0;
     if (pos < n) {
-        *carry = PyBytes_FromStringAndSize((const char *)p + pos, n - pos);
+        Py_XSETREF(*carry, PyBytes_FromStringAndSize((const char *)p + pos, n - pos));
         if (*carry == NULL)
             return -1;
     }
     return 0;
 }
 
+/* Made without __init__ (or cleared by the collector): nothing to walk with. */
+static int
+unready(Walker *self)
+{
+    if (self->clock != NULL && self->held != NULL)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError, "Walker used before __init__");
+    return -1;
+}
+
 static PyObject *
 Walker_from_client(Walker *self, PyObject *data)
 {
+    if (unready(self) < 0)
+        return NULL;
     if (self->lost)
         Py_RETURN_NONE;
     Py_buffer view;
@@ -200,6 +212,8 @@ done:
 static PyObject *
 Walker_from_server(Walker *self, PyObject *data)
 {
+    if (unready(self) < 0)
+        return NULL;
     if (self->lost)
         Py_RETURN_NONE;
     Py_buffer view;

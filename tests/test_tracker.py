@@ -249,3 +249,12 @@ def test_a_server_message_half_received_is_not_idle(walker: type) -> None:
     assert t.state == ACTIVE, "an ErrorResponse now would land inside the notification"
     t.from_server(notification[1500:])
     assert t.state == IDLE
+
+
+@pytest.mark.skipif(wire.CompiledWalker is None, reason="slotproxy._walker was not built")
+def test_a_compiled_walker_made_without_init_raises_instead_of_crashing() -> None:
+    bare = wire.CompiledWalker.__new__(wire.CompiledWalker)
+    with pytest.raises(RuntimeError, match="before __init__"):
+        bare.from_server(msg("K", b"12345678"))
+    with pytest.raises(RuntimeError, match="before __init__"):
+        bare.from_client(msg("Q", b"select 1\0"))
