@@ -18,7 +18,8 @@ A new ticket is admitted while all of these hold:
 - admission is not blocked after a server refusal.
 
 When the server refuses a connection before anything reached the client
-(53300, 57P03, a refused TCP connect) the ticket goes back to the front of
+(53300, 57P03, 57P01/57P02 from a backend ended while it started, a refused
+TCP connect) the ticket goes back to the front of
 the queue and admission blocks: until the next poll of the server when a
 monitor sees it, else for a capped exponential backoff. Then one ticket is
 admitted as a probe; only its success reopens admission for the rest. A

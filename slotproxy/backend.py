@@ -24,6 +24,10 @@ from .wire import MessageFramer, parse_fields
 RETRYABLE_SQLSTATES = frozenset({
     "53300",  # too_many_connections: every slot taken
     "57P03",  # cannot_connect_now: starting up, shutting down, in recovery
+    # A backend ended while it started: a fast shutdown or restart (admin_shutdown), or
+    # another backend's crash (crash_shutdown). The server comes back, or refuses the retry.
+    "57P01",
+    "57P02",
 })
 
 _INT32 = struct.Struct("!i")

@@ -7,12 +7,13 @@ import asyncio
 import logging
 import socket
 import struct
+from functools import partial
 from typing import Any
 
 import asyncpg
 import pytest
 
-from slotproxy import wire
+from slotproxy import backend, wire
 from slotproxy.admission import Admission, Limits, State, Ticket
 from slotproxy.cluster import Cluster
 from slotproxy.gate import Gate
@@ -290,3 +291,31 @@ async def test_without_the_compiled_walker_the_proxy_says_so_and_serves(
     [session] = proxy.sessions
     assert type(session.tracker.walker) is wire.Walker and session.state == wire.IDLE
     await conn.close()
+
+
+# What PostgreSQL 15 sent a trust client whose backend was ended by SIGTERM (a fast
+# shutdown, pg_terminate_backend) while it started: its buffered AuthenticationOk, then this.
+ADMIN_SHUTDOWN = (b"E\x00\x00\x00tSFATAL\x00VFATAL\x00C57P01\x00Mterminating connection due to "
+                  b"administrator command\x00Fpostgres.c\x00L3211\x00RProcessInterrupts\x00\x00")
+AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize("first", [AUTH_OK + ADMIN_SHUTDOWN, ADMIN_SHUTDOWN],
+                         ids=["after-trust-auth", "before-auth"])
+async def test_a_backend_ended_while_it_starts_is_retried_not_passed_on(first: bytes) -> None:
+    # No server stops on cue inside that window (post_auth_delay holds the signal until the
+    # first query), so the server's first answer is fed to the decision as it was captured.
+    loop = asyncio.get_running_loop()
+    outcomes = []
+    for retry in (True, False):  # a queued client, and a bypass lane that takes what comes
+        ours, theirs = socket.socketpair()
+        result: asyncio.Future[bytearray] = loop.create_future()
+        transport, _ = await loop.create_connection(partial(backend._FirstAnswer, result, retry), sock=ours)
+        theirs.sendall(first)
+        try:
+            outcomes.append(await asyncio.wait_for(result, 5))
+        except backend.ConnectFailed as e:
+            outcomes.append((e.sqlstate, e.after_auth, e.unreachable))
+        transport.close()
+        theirs.close()
+    assert outcomes == [("57P01", first.startswith(b"R"), False), bytearray(first)]
