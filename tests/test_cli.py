@@ -272,19 +272,24 @@ async def test_sighup_reloads_live_and_an_invalid_file_changes_nothing(
     assert await p.wait_exit() == 0
 
 
-async def test_two_workers_share_the_port_and_serve_a_burst(
-        pg: Cluster, tmp_path: Path, run_proxy: Any) -> None:
+async def two_workers(pg: Cluster, tmp_path: Path, run_proxy: Any, more: str) -> tuple[Any, int]:
+    """`slotproxy run` with workers = 2 and `more` config, once both workers listen."""
     from slotproxy.cluster import free_port
 
     port = free_port()
     path = tmp_path / "workers.toml"
     path.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\nworkers = 2\n'
-                    f'[backend]\nhost = "{pg.host}"\nport = {pg.port}\n'
-                    '[admission]\nmax_backend_slots = 4\nqueue_timeout = 60\n')
+                    f'[backend]\nhost = "{pg.host}"\nport = {pg.port}\n' + more)
     p = await run_proxy("--config", str(path))
-    p.port = port
     await wait_until(lambda: p.log().count(f"listening on 127.0.0.1:{port}") == 2,
                      "both workers listening")
+    return p, port
+
+
+async def test_two_workers_share_the_port_and_serve_a_burst(
+        pg: Cluster, tmp_path: Path, run_proxy: Any) -> None:
+    p, port = await two_workers(pg, tmp_path, run_proxy,
+                                '[admission]\nmax_backend_slots = 4\nqueue_timeout = 60\n')
     assert "W0 " in p.log() and "W1 " in p.log()
     outcomes = await asyncio.gather(*(one_client("127.0.0.1", port, "app", "postgres", hold=0.1)
                                       for _ in range(40)))
@@ -299,19 +304,11 @@ async def test_two_workers_share_the_port_and_serve_a_burst(
 
 async def test_a_restarted_worker_is_paused_like_the_others(
         pg: Cluster, tmp_path: Path, run_proxy: Any) -> None:
-    from slotproxy.cluster import free_port
-
-    port = free_port()
-    path = tmp_path / "workers.toml"
-    path.write_text(f'[proxy]\nlisten = "127.0.0.1:{port}"\nworkers = 2\n'
-                    f'[backend]\nhost = "{pg.host}"\nport = {pg.port}\n[admin]\ntrust_loopback = true\n')
-    p = await run_proxy("--config", str(path))
+    p, port = await two_workers(pg, tmp_path, run_proxy, "[admin]\ntrust_loopback = true\n")
 
     def paused(worker: str) -> int:
         return sum(1 for line in p.lines if line.startswith(f"{worker} ") and "paused admission" in line)
 
-    await wait_until(lambda: p.log().count(f"listening on 127.0.0.1:{port}") == 2,
-                     "both workers listening")
     psql = await asyncio.create_subprocess_exec(
         "psql", "-X", "-w", "-h", "127.0.0.1", "-p", str(port), "-d", "slotproxy", "-U", "ops",
         "-c", "PAUSE", stdout=asyncio.subprocess.DEVNULL)
