@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     spawn.add_argument("--proxy-slots", type=int, default=None,
                        help="slotproxy's max_backend_slots and PgBouncer's pool size "
                             "(default max-connections - reserved)")
+    spawn.add_argument("--server-socket", action="store_true",
+                       help="slotproxy and PgBouncer reach the server over its Unix socket, "
+                            "as on the database host (direct clients keep TCP)")
     spawn.add_argument("--queue-timeout", type=float, default=30.0,
                        help="slotproxy's queue_timeout, PgBouncer's query_wait_timeout (default 30)")
     k = Knobs()
@@ -161,7 +164,8 @@ def spawn_options(args: argparse.Namespace) -> SpawnOptions:
     kinds = tuple(w.strip() for w in (args.spawn_targets or ",".join(KINDS)).split(",") if w.strip())
     return SpawnOptions(max_connections=args.max_connections, reserved=args.reserved,
                         proxy_slots=args.proxy_slots, queue_timeout=args.queue_timeout,
-                        kinds=kinds, kinds_given=args.spawn_targets is not None)
+                        kinds=kinds, kinds_given=args.spawn_targets is not None,
+                        server_socket=args.server_socket)
 
 
 async def run(scenarios: list[str], ctx: Context) -> list[dict[str, Any]]:

@@ -51,6 +51,7 @@ class SpawnOptions:
     max_queue: int = 10_000  # room for the 5,000 waiting clients of the `waiters` measurement
     kinds: tuple[str, ...] = KINDS
     kinds_given: bool = False  # the user named the targets: a missing PgBouncer is an error
+    server_socket: bool = False  # the proxies reach the server over its Unix socket, not TCP
 
     @property
     def slots(self) -> int:
@@ -115,7 +116,7 @@ class Environment:
         await blocking(self.cluster.start)
         await blocking(self.cluster.psql, f"do $$ begin create role {APP_ROLE} login; "
                                           "exception when duplicate_object then null; end $$")
-        backend = (self.cluster.host, self.cluster.port)
+        backend = (self.cluster.socket_dir if opts.server_socket else self.cluster.host, self.cluster.port)
         for kind in opts.kinds:
             if kind == "direct":
                 self.targets.append(Target("direct", self.server_dsn, "direct"))
@@ -137,6 +138,7 @@ class Environment:
         opts = self.options
         assert self.cluster is not None
         return {"server": f"{self.cluster.host}:{self.cluster.port}",
+                "proxies_reach_server_over": "unix socket" if opts.server_socket else "tcp",
                 "max_connections": opts.max_connections, "superuser_reserved_connections": opts.reserved,
                 "proxy_slots": opts.slots, "queue_timeout": opts.queue_timeout,
                 "max_queue": opts.max_queue}

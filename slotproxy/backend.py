@@ -13,6 +13,7 @@ import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .config import Address
 from .errors import ProtocolError
@@ -143,6 +144,17 @@ class _FirstAnswer(asyncio.Protocol):
             self.result.set_exception(ConnectFailed(why))
 
 
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
+
+async def open_connection(loop: asyncio.AbstractEventLoop, factory: Callable[[], _P],
+                          address: Address) -> tuple[asyncio.Transport, _P]:
+    """A TCP connection to `address`, or a Unix-domain one when its host is a socket directory."""
+    if address.socket_path is not None:
+        return await loop.create_unix_connection(factory, address.socket_path)  # type: ignore[return-value]
+    return await loop.create_connection(factory, address.host, address.port)  # type: ignore[return-value]
+
+
 async def connect(address: Address, first_bytes: bytes, timeout: float, task: asyncio.Task,
                   on_connected: Callable[[asyncio.Transport], None] | None = None,
                   retry: bool = True, tls: ServerTLS | None = None,
@@ -150,7 +162,7 @@ async def connect(address: Address, first_bytes: bytes, timeout: float, task: as
     """Connect, send `first_bytes` (the startup packet and what followed), await the answer.
 
     `task` is the caller's own task (cancelled if the attempt takes longer than
-    `timeout`). `on_connected` sees the transport as soon as the TCP connection is up.
+    `timeout`). `on_connected` sees the transport as soon as the connection is up.
     With `tls`, the connection is encrypted first, as libpq's sslmode says. With
     `passthrough`, `first_bytes` are a client's own TLS records: sent as they are
     after the server's 'S' ("ssl") or at once ("direct", PostgreSQL 17 direct TLS);
@@ -162,10 +174,12 @@ async def connect(address: Address, first_bytes: bytes, timeout: float, task: as
     loop = task.get_loop()
     result: asyncio.Future[bytearray] = loop.create_future()
     transport: asyncio.Transport | None = None
+    if address.socket_path is not None:
+        tls = None  # as libpq: no TLS on a Unix-domain socket (config refuses sslmode=require there)
     try:
         async with deadline(loop, task, loop.time() + timeout):
-            transport, protocol = await loop.create_connection(
-                lambda: _FirstAnswer(result, retry), address.host, address.port)
+            transport, protocol = await open_connection(
+                loop, lambda: _FirstAnswer(result, retry), address)
             if on_connected is not None:
                 on_connected(transport)
             if passthrough == "direct":
@@ -247,8 +261,8 @@ async def probe_tls(address: Address, timeout: float) -> bool | None:
     result: asyncio.Future[bytearray] = loop.create_future()
     try:
         async with asyncio.timeout(timeout):
-            transport, protocol = await loop.create_connection(
-                lambda: _FirstAnswer(result, False), address.host, address.port)
+            transport, protocol = await open_connection(
+                loop, lambda: _FirstAnswer(result, False), address)
             try:
                 return await _ssl_request(loop, transport, protocol) == b"S"
             finally:
@@ -275,8 +289,7 @@ async def send_cancel(address: Address, packet: bytes, timeout: float) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     async with asyncio.timeout(timeout):
-        transport, _ = await loop.create_connection(
-            lambda: _CancelSender(done), address.host, address.port)
+        transport, _ = await open_connection(loop, lambda: _CancelSender(done), address)
         try:
             transport.write(packet)
             await done

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", metavar="FILE", help="TOML configuration file")
     run.add_argument("--listen", metavar="HOST:PORT", help="overrides proxy.listen")
-    run.add_argument("--backend", metavar="HOST:PORT", help="overrides backend.host and backend.port")
+    run.add_argument("--backend", metavar="HOST:PORT",
+                     help="overrides backend.host and backend.port (/SOCKET/DIR:PORT: a Unix socket)")
     run.add_argument("--max-backend-slots", type=_slots_flag, metavar="N|auto",
                      help="overrides admission.max_backend_slots")
     run.add_argument("--max-queue", type=int, metavar="N", help="overrides admission.max_queue")
@@ -97,7 +98,7 @@ def _overrides(args: argparse.Namespace) -> list[config.Override]:
         found.append(("--listen", "proxy.listen", args.listen))
     if args.backend is not None:
         try:
-            address = config.parse_address(args.backend)
+            address = config.parse_server_address(args.backend)
         except ValueError as e:
             raise ConfigError("--backend", None, str(e)) from None
         found += [("--backend", "backend.host", address.host), ("--backend", "backend.port", address.port)]

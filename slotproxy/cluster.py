@@ -25,6 +25,7 @@ DEFAULT_HBA = """\
 host    all       all   127.0.0.1/32  {method}
 host    all       all   ::1/128       {method}
 host    replication all 127.0.0.1/32  {method}
+local   all       all                 {method}
 """
 
 
@@ -144,7 +145,8 @@ class Template:
 
 
 class Cluster:
-    """One throwaway PostgreSQL server on 127.0.0.1 and a free port."""
+    """One throwaway PostgreSQL server on 127.0.0.1 and a free port, and on a Unix
+    socket in its data directory (`socket_dir`)."""
 
     def __init__(self, template: Template, datadir: Path, *, max_connections: int,
                  superuser_reserved_connections: int, settings: Mapping[str, str | int],
@@ -153,11 +155,13 @@ class Cluster:
         self.datadir = datadir
         self.host = "127.0.0.1"
         self.port = free_port()
+        self.socket_dir = str(datadir)
         self.logfile = datadir / "server.log"
         conf = {
             "listen_addresses": "'127.0.0.1'",
             "port": self.port,
-            "unix_socket_directories": "''",
+            # The data directory: private to this cluster, and a short enough path.
+            "unix_socket_directories": f"'{datadir}'",
             "max_connections": max_connections,
             "superuser_reserved_connections": superuser_reserved_connections,
             "fsync": "off",

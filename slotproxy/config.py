@@ -28,7 +28,14 @@ class Address:
     port: int
 
     def __str__(self) -> str:
+        if self.socket_path is not None:
+            return self.socket_path
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def socket_path(self) -> str | None:
+        """The Unix-domain socket, as libpq finds it, when the host is a directory."""
+        return f"{self.host.rstrip('/')}/.s.PGSQL.{self.port}" if self.host.startswith("/") else None
 
 
 def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -113,8 +120,34 @@ def hostname(value: Any) -> str:
     return host
 
 
+# sun_path holds 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def server_host(value: Any) -> str:
+    """A host name or address, or (as in libpq) the directory of the server's Unix socket."""
+    if isinstance(value, str) and value.strip().startswith("/"):
+        directory = value.strip()
+        longest = len(os.fsencode(f"{directory.rstrip('/')}/.s.PGSQL.65535"))
+        if longest > MAX_SOCKET_PATH:
+            raise ValueError(f"socket directory {directory!r} is too long: the socket path in it "
+                             f"would take up to {longest} bytes, and at most {MAX_SOCKET_PATH} fit")
+        return directory
+    return hostname(value)
+
+
 def port(value: Any) -> int:
     return integer(1, 65535)(value)
+
+
+def parse_server_address(text: str) -> Address:
+    """As parse_address, and also '/socket/directory:port' (as libpq's host)."""
+    if isinstance(text, str) and text.startswith("/"):
+        directory, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"expected \"/SOCKET/DIRECTORY:PORT\", got {text!r}")
+        return Address(server_host(directory), int(port_text))
+    return parse_address(text)
 
 
 def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
@@ -259,7 +292,8 @@ class ProxyConfig:
 
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
-    host: str = key("127.0.0.1", hostname, "PostgreSQL server host")
+    host: str = key("127.0.0.1", server_host,
+                    "PostgreSQL server host, or the directory of its Unix-domain socket (as libpq)")
     port: int = key(5432, port, "PostgreSQL server port")
     connect_timeout: float = key(5.0, seconds,
                                  "seconds for one connection attempt, up to the server's first answer")
@@ -537,11 +571,33 @@ def from_mapping(data: Mapping[str, Any], source: str, overrides: Iterable[Overr
         # As libpq: the system's CAs vouch for any name, so only a name check makes them safe.
         raise ConfigError(origins.get("backend.sslrootcert", source), "backend.sslrootcert",
                           f"\"system\" needs sslmode = \"verify-full\" (not \"{config.backend.sslmode}\")")
+    _check_socket_tls(config, origins, source)
     check_shares(config, config.proxy.workers, origins.get("proxy.workers", source))
     if config.admission.max_backend_slots == AUTO and not config.monitor.dsn:
         raise ConfigError(origins["admission.max_backend_slots"], "admission.max_backend_slots",
                           "\"auto\" needs a monitor to find the free slots: set [monitor] dsn")
     return config
+
+
+def _check_socket_tls(config: Config, origins: Mapping[str, str], source: str) -> None:
+    """PostgreSQL offers no TLS on its Unix-domain sockets: refuse settings that need it there."""
+    unix = [(f"databases.{r.name}.host" if r.name.isidentifier() else f'databases."{r.name}".host',
+             r.host) for r in config.databases if r.address.socket_path]
+    if config.backend.address.socket_path and (config.backend_given or not config.databases):
+        unix.insert(0, ("backend.host", config.backend.host))
+    if not unix:
+        return
+    dotted, host = unix[0]
+    if config.backend.sslmode in ("require", "verify-ca", "verify-full"):
+        raise ConfigError(origins.get("backend.sslmode", source), "backend.sslmode",
+                          f"\"{config.backend.sslmode}\" cannot be met over the Unix-domain socket "
+                          f"of {dotted} = \"{host}\": PostgreSQL offers no TLS there "
+                          "(use \"disable\" or \"prefer\", or a TCP host)")
+    if config.tls.client_tls == "passthrough":
+        raise ConfigError(origins.get("tls.client_tls", source), "tls.client_tls",
+                          f"\"passthrough\" needs TLS from the server, and the Unix-domain socket "
+                          f"of {dotted} = \"{host}\" offers none (end the clients' TLS here: "
+                          "\"allow\" or \"require\")")
 
 
 def check_shares(config: Config, workers: int, origin: str, running: bool = False) -> None:
@@ -582,7 +638,7 @@ def _parse_route(name: str, table: Any, origin: str, backend: BackendConfig) -> 
     where = f"databases.{name}" if name.isidentifier() else f'databases."{name}"'
     if not isinstance(table, dict):
         raise ConfigError(origin, where, f"expected a table, got {_type_name(table)}")
-    parsers = {"host": hostname, "port": port, "dbname": _dbname}
+    parsers = {"host": server_host, "port": port, "dbname": _dbname}
     values: dict[str, Any] = {"host": backend.host, "port": backend.port}
     _parse_keys(table, parsers, values, where, origin)
     return RouteConfig(name=name, **values)

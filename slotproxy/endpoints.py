@@ -119,7 +119,10 @@ class AdminEndpoints:
 async def _reachable(address: Address, timeout: float = 1.0) -> bool:
     try:
         async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(address.host, address.port)
+            if address.socket_path is not None:
+                _, writer = await asyncio.open_unix_connection(address.socket_path)
+            else:
+                _, writer = await asyncio.open_connection(address.host, address.port)
     except (OSError, TimeoutError):
         return False
     writer.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from . import backend, capacity, wire
 from .admission import Admission, Limits
@@ -29,9 +29,15 @@ def monitor_dsn(dsn: str, address: Address, primary: Address) -> str:
         return dsn
     parts = urlsplit(dsn)
     userinfo = parts.netloc.rpartition("@")[0]
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    netloc = f"{userinfo}@{host}:{address.port}" if userinfo else f"{host}:{address.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    # host and port given as query parameters would override the netloc's
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ("host", "port")]
+    if address.socket_path is not None:  # a socket directory goes in the query, as libpq takes it
+        netloc = f"{userinfo}@" if userinfo else ""
+        query += [("host", address.host), ("port", str(address.port))]
+    else:
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        netloc = f"{userinfo}@{host}:{address.port}" if userinfo else f"{host}:{address.port}"
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="/")))
 
 
 class Upstream:

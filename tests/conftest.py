@@ -17,9 +17,11 @@ from slotproxy.server import Proxy
 
 # A password user (SCRAM) beside trust for everyone else.
 HBA = """\
-host all alice 127.0.0.1/32 scram-sha-256
-host all all   127.0.0.1/32 trust
-host all all   ::1/128      trust
+host  all alice 127.0.0.1/32 scram-sha-256
+host  all all   127.0.0.1/32 trust
+host  all all   ::1/128      trust
+local all alice              scram-sha-256
+local all all                trust
 """
 ALICE_PASSWORD = "wonderland"
 ROLES_SQL = (f"create role app login; create role alice login password '{ALICE_PASSWORD}'; "

@@ -42,6 +42,13 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     ("proxy = 3", "proxy", "expected a table [proxy]"),
     ("[admission]\nmax_backend_slot = 3", "admission.max_backend_slot",
      "did you mean admission.max_backend_slots?"),
+    ("[backend]\nhost = \"/run/postgresql\"\nsslmode = \"require\"", "backend.sslmode",
+     "\"require\" cannot be met over the Unix-domain socket of backend.host = \"/run/postgresql\""),
+    ("[backend]\nhost = \"/run/postgresql\"\n[tls]\nclient_tls = \"passthrough\"", "tls.client_tls",
+     "\"passthrough\" needs TLS from the server"),
+    ("[databases.sales]\nhost = \"/run/pg\"\n[backend]\nsslmode = \"verify-full\"\n"
+     "sslrootcert = \"system\"", "backend.sslmode", "databases.sales.host = \"/run/pg\""),
+    (f"[backend]\nhost = \"/{'d' * 100}\"", "backend.host", "at most 107 fit"),
 ])
 def test_errors_name_the_key_and_the_problem(text: str, where: str, problem: str) -> None:
     with pytest.raises(ConfigError) as raised:
@@ -49,6 +56,21 @@ def test_errors_name_the_key_and_the_problem(text: str, where: str, problem: str
     assert raised.value.key == where
     assert problem in str(raised.value)
     assert str(raised.value).startswith(f"f.toml: {where}: ")
+
+
+def test_a_server_host_may_be_a_unix_socket_directory_as_in_libpq() -> None:
+    cfg = config.from_mapping({"backend": {"host": "/run/postgresql", "port": 5433},
+                               "databases": {"sales": {"host": "/tmp/pg/"}}}, "t")
+    assert cfg.backend.address.socket_path == "/run/postgresql/.s.PGSQL.5433"
+    assert cfg.databases[0].address.socket_path == "/tmp/pg/.s.PGSQL.5433"
+    assert str(cfg.backend.address) == "/run/postgresql/.s.PGSQL.5433"
+    assert Address("127.0.0.1", 5432).socket_path is None
+    assert config.parse_server_address("/run/postgresql:5433") == Address("/run/postgresql", 5433)
+    assert config.parse_server_address("[::1]:5432") == Address("::1", 5432)
+    with pytest.raises(ValueError, match="SOCKET/DIRECTORY:PORT"):
+        config.parse_server_address("/run/postgresql")
+    with pytest.raises(ValueError, match="not a valid host name"):
+        config.parse_address("/run/postgresql:5432")  # a listen address is TCP only
 
 
 def test_listen_accepts_ipv6_and_port_zero() -> None:

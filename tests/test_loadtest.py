@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from loadtest import plot
@@ -240,13 +241,21 @@ async def test_handoff_times_each_slot_from_its_release_to_the_next_waiters_star
 
 
 @pytest.mark.skipif(pgbouncer_binary() is None, reason="pgbouncer is not installed")
-async def test_pgbouncer_in_session_mode_beside_slotproxy(spawn: Any) -> None:
-    env = await spawn(kinds=("direct", "slotproxy", "pgbouncer"))
+@pytest.mark.parametrize("server_socket", [False, True], ids=["tcp", "server-socket"])
+async def test_pgbouncer_in_session_mode_beside_slotproxy(spawn: Any, server_socket: bool) -> None:
+    env = await spawn(kinds=("direct", "slotproxy", "pgbouncer"), server_socket=server_socket)
     assert [t.kind for t in env.targets] == ["direct", "slotproxy", "pgbouncer"]
     section = await run_sessions("burst", context(env, clients=20, hold=0.2))
     results = by_target(section)
     assert results["pgbouncer"]["succeeded"] == 20, results["pgbouncer"]["messages"]
     assert "PgBouncer logs clients in itself" in render(section)
+    # The server shows a session over its Unix socket with client_port -1.
+    for target in env.targets:
+        conn = await asyncpg.connect(target.dsn)
+        port = await conn.fetchval("select client_port from pg_stat_activity where pid = pg_backend_pid()")
+        await conn.close()
+        over_socket = server_socket and target.kind != "direct"
+        assert (port == -1) == over_socket, (target.kind, port)
 
 
 # -- PNGs, and stopping everything --------------------------------------------------------------
