@@ -369,9 +369,10 @@ class Admission:
 
     def _fill(self, now: float) -> list[Ticket]:
         admitted: list[Ticket] = []
-        while self._has_room():
+        while True:
+            # Who would get a slot first: most calls find nobody waiting, and stop there.
             lane = self._pick()
-            if lane is None:
+            if lane is None or not self._has_room():
                 break
             ticket = lane.pop()
             self._hold(ticket, now)

@@ -36,6 +36,9 @@ _ERROR = ord("E")
 _NEGOTIATE = ord("v")
 _AUTH = ord("R")
 _AUTH_OK = b"\x00\x00\x00\x00"
+# NegotiateProtocolVersion, AuthenticationOk, then the message that decides: no need to
+# frame the dozen ParameterStatus messages after them.
+_DECIDED_WITHIN = 3
 
 
 class ConnectFailed(Exception):
@@ -106,7 +109,7 @@ class _FirstAnswer(asyncio.Protocol):
         if self.result.done():
             return
         try:
-            messages = self.framer.feed(data)
+            messages = self.framer.feed(data, limit=_DECIDED_WITHIN)
         except ProtocolError:
             messages = [(0, None)]  # not our business: let the client see it
         for mtype, body in messages:
@@ -129,9 +132,14 @@ class _FirstAnswer(asyncio.Protocol):
                         message=message, after_auth=self.auth_ok))
                     self.transport.close()
                     return
-            self.transport.pause_reading()
-            self.result.set_result(self.received)
+            self._relay()
             return
+        if len(messages) == _DECIDED_WITHIN:  # undecided after as many as a server sends: not ours
+            self._relay()
+
+    def _relay(self) -> None:
+        self.transport.pause_reading()  # type: ignore[union-attr]
+        self.result.set_result(self.received)
 
     def eof_received(self) -> bool:
         return False

@@ -422,6 +422,10 @@ class Config:
     databases: tuple[RouteConfig, ...] = ()
     backend_given: bool = False  # [backend] or --backend was set, not only defaulted
     source: str = "built-in defaults"
+    _classes: tuple[ClassConfig, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_classes", self._class_list())  # read on every connection
 
     @property
     def fallback(self) -> Address | None:
@@ -436,6 +440,9 @@ class Config:
     @property
     def class_list(self) -> tuple[ClassConfig, ...]:
         """The configured classes, then the default class that takes everyone else."""
+        return self._classes
+
+    def _class_list(self) -> tuple[ClassConfig, ...]:
         configured = self.admission.classes
         if any(c.name == DEFAULT_CLASS for c in configured):
             return tuple(c for c in configured if c.name != DEFAULT_CLASS) + tuple(

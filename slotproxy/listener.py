@@ -66,6 +66,7 @@ class Listener:
         for sock in self.sockets:
             self.loop.add_reader(sock.fileno(), self._accept, sock)
 
+
     def close(self) -> None:
         self._closed = True
         for timer in self._timers.values():
@@ -76,9 +77,13 @@ class Listener:
                 sock.close()
 
     def _accept(self, sock: socket.socket) -> None:
+        family = sock.family
         for _ in range(BATCH):
             try:
-                conn, _ = sock.accept()
+                # socket.accept() without what it does per call to learn the family and
+                # kind anew and the default timeout; libuv makes the socket non-blocking.
+                fd, _ = sock._accept()  # type: ignore[attr-defined]
+                conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -90,7 +95,6 @@ class Listener:
                 logger.error("accept failed: %s", e)
                 return
             self._backoff = 0.0
-            conn.setblocking(False)
             task = self.loop.create_task(self._open(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

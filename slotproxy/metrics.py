@@ -9,13 +9,16 @@ SQLSTATE; never a client address or free text.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import wire
 
@@ -30,10 +33,10 @@ SESSION_STATES = (wire.STARTING, wire.ACTIVE, wire.IDLE, wire.IDLE_IN_TRANSACTIO
 class Stats:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.wait = Histogram(
-            "slotproxy_admission_wait_seconds",
-            "Time from a client's startup packet to its admission (queue and retries)",
-            ("server", "class"), buckets=WAIT_BUCKETS, registry=self.registry)
+        # Admission waits by (server, class): a count per bucket (the last one +Inf), and
+        # their sum. Kept here and exposed at scrape: cheaper per admission than a Histogram.
+        self.waits: dict[tuple[str, str], list[int]] = {}
+        self.wait_sums: Counter[tuple[str, str]] = Counter()
         self.admitted: Counter[tuple[str, str]] = Counter()
         self.refused: Counter[tuple[str, str]] = Counter()  # (reason, SQLSTATE)
         self.retries: Counter[tuple[str, str]] = Counter()  # (server, SQLSTATE or "connect")
@@ -42,8 +45,13 @@ class Stats:
         self.bytes_to_client = 0
 
     def admit(self, server: str, cls: str, waited: float) -> None:
-        self.admitted[server, cls] += 1
-        self.wait.labels(server, cls).observe(waited)
+        key = server, cls
+        self.admitted[key] += 1
+        counts = self.waits.get(key)
+        if counts is None:
+            counts = self.waits[key] = [0] * (len(WAIT_BUCKETS) + 1)
+        counts[bisect_left(WAIT_BUCKETS, waited)] += 1  # the first bound >= waited: "le"
+        self.wait_sums[key] += waited
 
 
 class ProxyCollector(Collector):
@@ -104,6 +112,7 @@ class ProxyCollector(Collector):
         yield paused
         yield connecting
 
+        yield wait_histogram(stats)
         yield _counter("slotproxy_clients_admitted", "Clients admitted to a server session",
                        ("server", "class"), stats.admitted)
         yield _counter("slotproxy_clients_refused", "Clients refused, by reason and the SQLSTATE they saw",
@@ -122,6 +131,19 @@ class ProxyCollector(Collector):
         relayed.add_metric(("to_server",), up)
         relayed.add_metric(("to_client",), down)
         yield relayed
+
+
+_WAIT_LE = (*map(floatToGoString, WAIT_BUCKETS), "+Inf")
+
+
+def wait_histogram(stats: Stats) -> HistogramMetricFamily:
+    wait = HistogramMetricFamily(
+        "slotproxy_admission_wait_seconds",
+        "Time from a client's startup packet to its admission (queue and retries)",
+        labels=("server", "class"))
+    for key, counts in sorted(stats.waits.items()):
+        wait.add_metric(key, list(zip(_WAIT_LE, accumulate(counts), strict=True)), stats.wait_sums[key])
+    return wait
 
 
 def _counter(name: str, help_text: str, labels: tuple[str, ...],

@@ -200,18 +200,14 @@ def _parse_params(body: bytes) -> dict[str, str]:
     if fields:
         if not fields.endswith(b"\0"):
             raise ProtocolError("invalid startup packet layout: parameter without value")
-        parts = fields[:-1].split(b"\0")
+        # Decoding first splits alike: a NUL byte only ever decodes to "\0".
+        parts = fields[:-1].decode("utf-8", "surrogateescape").split("\0")
         if len(parts) % 2:
             raise ProtocolError("invalid startup packet layout: parameter without value")
-        for i in range(0, len(parts), 2):
-            name = parts[i]
-            if not name:
-                raise ProtocolError(
-                    "invalid startup packet layout: expected terminator as last byte"
-                )
-            params[name.decode("utf-8", "surrogateescape")] = parts[i + 1].decode(
-                "utf-8", "surrogateescape"
-            )
+        names = parts[::2]
+        if "" in names:
+            raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
+        params = dict(zip(names, parts[1::2], strict=True))
     if not params.get("user"):
         raise ProtocolError("no PostgreSQL user name specified in startup packet", "28000")
     return params
@@ -281,16 +277,22 @@ class MessageFramer:
     None, and their bytes skipped without being buffered.
     """
 
-    __slots__ = ("_keep", "_max_body", "_skip", "_partial")
+    __slots__ = ("_keep", "_max_body", "_skip", "_partial", "_spent")
 
     def __init__(self, keep: bytes, max_body: int = 1 << 20) -> None:
         self._keep = frozenset(keep)
         self._max_body = max_body
         self._skip = 0  # bytes left of a body we do not keep
         self._partial = bytearray()  # an incomplete header, or a kept message so far
+        self._spent = False
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes | None]]:
+    def feed(self, data: bytes, limit: int = 0) -> list[tuple[int, bytes | None]]:
+        """With `limit`, stop after that many messages without looking at the rest of
+        `data` (a caller that needs only the first few): the framer is spent then."""
+        if self._spent:
+            raise RuntimeError("MessageFramer fed again after it stopped at its limit")
         out: list[tuple[int, bytes | None]] = []
+        stop = limit if limit > 0 else -1
         end = len(data)
         pos = 0
         if self._skip:
@@ -299,6 +301,9 @@ class MessageFramer:
         if self._partial and pos < end:
             pos = self._complete_partial(data, pos, out)
         while pos < end:
+            if len(out) == stop:
+                self._spent = True
+                break
             if end - pos < 5:
                 self._partial += data[pos:]
                 break

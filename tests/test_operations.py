@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from slotproxy import config
 from slotproxy.cluster import Cluster
+from slotproxy.metrics import Stats, wait_histogram
 from slotproxy.scram import Verifier
 from slotproxy.server import Proxy
 
@@ -89,11 +90,24 @@ async def test_metrics_follow_a_burst(pg: Cluster, proxy_factory: Any) -> None:
     admitted = seen.count(None)
     assert admitted + seen.count("53300") == 30
     assert total(after, "slotproxy_admission_wait_seconds_count") == admitted
+    assert total(after, "slotproxy_admission_wait_seconds_bucket", le="+Inf") == admitted
+    # 30 clients for 8 slots, each held 0.2 s: the first were let in at once, the rest waited.
+    assert 0 < total(after, "slotproxy_admission_wait_seconds_bucket", le="0.1") < admitted
     assert total(after, "slotproxy_clients_admitted_total") == admitted
     assert total(after, "slotproxy_clients_refused_total", reason="queue_full", sqlstate="53300") \
         == seen.count("53300") > 0
     assert total(after, "slotproxy_bytes_relayed_total", direction="to_client") > 0
     assert total(after, "slotproxy_capacity") == 3
+
+
+def test_the_wait_histogram_counts_a_wait_on_a_bound_in_that_bucket() -> None:
+    stats = Stats()
+    for waited in (0.0, 0.001, 0.0010001, 200.0):
+        stats.admit("db:5432", "web", waited)
+    family = wait_histogram(stats)
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    assert (buckets["0.001"], buckets["0.005"], buckets["120.0"], buckets["+Inf"]) == (2, 3, 3, 4)
+    assert [s.value for s in family.samples if s.name.endswith("_sum")] == [200.0020001]
 
 
 async def test_status_lists_a_waiting_client(pg: Cluster, proxy_factory: Any) -> None:

@@ -204,6 +204,15 @@ def test_framer_skips_kept_types_over_the_size_cap() -> None:
     assert framer.feed(message(b"E", b"y" * 11) + message(b"E", b"ok")) == [(69, None), (69, b"ok")]
 
 
+def test_framer_with_a_limit_looks_no_further_and_is_then_spent() -> None:
+    framer = wire.MessageFramer(keep=b"KZ")
+    # What follows the second message is not even looked at: a bad length there goes unseen.
+    assert framer.feed(STREAM + b"Z\x00\x00\x00\x02", limit=2) == [(ord("R"), None), (ord("S"), None)]
+    with pytest.raises(RuntimeError, match="limit"):
+        framer.feed(STREAM)
+    assert wire.MessageFramer(keep=b"KZ").feed(STREAM, limit=9) == wire.MessageFramer(keep=b"KZ").feed(STREAM)
+
+
 def test_framer_rejects_impossible_length() -> None:
     with pytest.raises(ProtocolError):
         wire.MessageFramer(keep=b"").feed(b"Z\x00\x00\x00\x02")
