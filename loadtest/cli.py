@@ -23,7 +23,7 @@ from .spawn import KINDS, Environment, SpawnOptions
 from .targets import UsageError, parse_number, parse_target
 
 SESSION_SCENARIOS = ("burst", "churn", "leak", "external", "restart")
-MEASUREMENTS = ("pgbench", "relay", "waiters", "handoff")
+MEASUREMENTS = ("pgbench", "relay", "waiters", "handoff", "instructions")
 ALIASES = {"incidents": SESSION_SCENARIOS, "measure": MEASUREMENTS}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
         description="Compare PostgreSQL targets side by side under scenarios that exhaust connection "
                     "slots, and measure slotproxy against the direct connection and PgBouncer.",
         epilog="Scenarios: burst churn leak external restart (or 'incidents' for all five); measurements: "
-               "pgbench relay waiters handoff (or 'measure' for all four).")
+               "pgbench relay waiters handoff instructions (or 'measure' for all five).")
     p.add_argument("scenarios", nargs="+", metavar="SCENARIO",
                    choices=[*SESSION_SCENARIOS, *MEASUREMENTS, *ALIASES])
     where = p.add_argument_group("targets (the first is the reference for ratios)")
@@ -104,6 +104,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--waiters", type=int, default=k.waiters,
                    help=f"waiters: clients left waiting, for the proxy's memory ({k.waiters})")
     m.add_argument("--handoffs", type=int, default=k.handoffs, help=f"handoff: samples ({k.handoffs})")
+    m.add_argument("--instr-connections", type=int, default=k.instr_connections,
+                   help=f"instructions: connections counted ({k.instr_connections})")
+    m.add_argument("--instr-transactions", type=int, default=k.instr_transactions,
+                   help=f"instructions: transactions counted ({k.instr_transactions})")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", type=Path,
                      help="where to write every figure (default loadtest-results/run-TIME.json)")
@@ -129,6 +133,9 @@ def knobs_from(args: argparse.Namespace) -> Knobs:
                  "pgbench_seconds", "relay_mb", "max_connections"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')}: must be at least 1")
+    for flag, least in (("instr_connections", 2), ("instr_transactions", 4)):
+        if getattr(args, flag) < least:
+            raise UsageError(f"--{flag.replace('_', '-')}: must be at least {least}")
     for flag in ("rate", "duration", "sample_interval", "queue_timeout", "connect_timeout"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -148,7 +155,8 @@ def knobs_from(args: argparse.Namespace) -> Knobs:
         protocols=modes(args.protocols, {"simple": "simple", "extended": "extended",
                                          "prepared": "prepared"}, "--protocols"),
         reconnect=modes(args.reconnect, {"no": False, "yes": True}, "--reconnect"),
-        rounds=args.rounds, relay_mb=args.relay_mb, waiters=args.waiters, handoffs=args.handoffs)
+        rounds=args.rounds, relay_mb=args.relay_mb, waiters=args.waiters, handoffs=args.handoffs,
+        instr_connections=args.instr_connections, instr_transactions=args.instr_transactions)
 
 
 def expand(names: list[str]) -> list[str]:
@@ -170,7 +178,7 @@ def spawn_options(args: argparse.Namespace) -> SpawnOptions:
 
 async def run(scenarios: list[str], ctx: Context) -> list[dict[str, Any]]:
     """Run each scenario against every target; return their JSON sections."""
-    from . import measure, pgbench
+    from . import callgrind, measure, pgbench
     from .scenarios import run_sessions
 
     sections = []
@@ -179,6 +187,8 @@ async def run(scenarios: list[str], ctx: Context) -> list[dict[str, Any]]:
             section = await run_sessions(name, ctx)
         elif name == "pgbench":
             section = await pgbench.run(ctx)
+        elif name == "instructions":
+            section = await callgrind.instructions(ctx)
         else:
             section = await getattr(measure, name)(ctx)
         sections.append(section)

@@ -46,6 +46,8 @@ class Knobs:
     relay_mb: int = 50
     waiters: int = 5000
     handoffs: int = 300
+    instr_connections: int = 200
+    instr_transactions: int = 8000
 
 
 # Per scenario: the hold and the rate when not given.

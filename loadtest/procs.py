@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -176,7 +176,9 @@ class SlotproxyProcess(Child):
 
     @classmethod
     async def start(cls, workdir: Path, backend: tuple[str, int], *, slots: int, max_queue: int,
-                    queue_timeout: float, name: str = "slotproxy") -> SlotproxyProcess:
+                    queue_timeout: float, name: str = "slotproxy", wrap: Sequence[str] = (),
+                    ready_timeout: float = 20) -> SlotproxyProcess:
+        """`wrap` goes before the command (a profiler, such as valgrind)."""
         log = workdir / f"{name}.log"
         config = workdir / f"{name}.toml"
         # Room for every client the queue may hold, as PgBouncer's max_client_conn gets.
@@ -187,7 +189,7 @@ class SlotproxyProcess(Child):
                           "[backend]\nsslmode = \"disable\"\n")
         with _log_file(log) as out:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "slotproxy", "run", "--config", str(config),
+                *wrap, sys.executable, "-m", "slotproxy", "run", "--config", str(config),
                 "--listen", "127.0.0.1:0",
                 "--backend", f"{backend[0]}:{backend[1]}", "--max-backend-slots", str(slots),
                 "--max-queue", str(max_queue), "--queue-timeout", str(queue_timeout),
@@ -195,7 +197,7 @@ class SlotproxyProcess(Child):
         self = cls(proc, log)
         self.name = name
         try:
-            m = await self._await_log(r"listening on 127\.0\.0\.1:(\d+)")
+            m = await self._await_log(r"listening on 127\.0\.0\.1:(\d+)", ready_timeout)
         except BaseException:
             await self.stop()
             raise
@@ -203,7 +205,7 @@ class SlotproxyProcess(Child):
         return self
 
 
-def _server_account() -> pwd.struct_passwd | None:
+def server_account() -> pwd.struct_passwd | None:
     """PgBouncer refuses to run as root: run it as postgres then, as the clusters run."""
     if os.geteuid() != 0:
         return None
@@ -228,11 +230,12 @@ class PgBouncerProcess(Child):
 
     @classmethod
     async def start(cls, workdir: Path, backend: tuple[str, int], port: int, *, pool_size: int,
-                    users: list[str], max_clients: int, query_wait_timeout: float) -> PgBouncerProcess:
+                    users: list[str], max_clients: int, query_wait_timeout: float,
+                    wrap: Sequence[str] = (), ready_timeout: float = 20) -> PgBouncerProcess:
         binary = pgbouncer_binary()
         if binary is None:
             raise UsageError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
-        account = _server_account()
+        account = server_account()
         home = workdir / "pgbouncer"
         home.mkdir(exist_ok=True)
         log = home / "pgbouncer.log"
@@ -268,7 +271,7 @@ admin_users = postgres
         if account is not None:
             for path in (home, *home.iterdir()):
                 os.chown(path, account.pw_uid, account.pw_gid)
-        argv = [binary, str(home / "pgbouncer.ini")]
+        argv = [*wrap, binary, str(home / "pgbouncer.ini")]
         if account is not None:
             # setpriv execs PgBouncer as postgres and keeps our raised RLIMIT_NOFILE; runuser
             # would pass through PAM, which resets it (to 1024 here), and stay as a parent.
@@ -282,9 +285,12 @@ admin_users = postgres
             stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
         self = cls(proc, log, port)
         try:
-            await self._await_log(rf"listening on (127\.0\.0\.1|[^ ]*):{port}")
-            # Its own pid (not runuser's), for its CPU time and memory.
-            self.bouncer_pid = int((home / "pgbouncer.pid").read_text().strip())
+            await self._await_log(rf"listening on (127\.0\.0\.1|[^ ]*):{port}", ready_timeout)
+            # Its own pid (not runuser's), for its CPU time and memory; written after that line.
+            pidfile = home / "pgbouncer.pid"
+            await wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
+                           "pgbouncer.pid", ready_timeout)
+            self.bouncer_pid = int(pidfile.read_text().strip())
         except BaseException:
             await self.stop()
             raise

@@ -107,10 +107,11 @@ def render(section: dict[str, Any]) -> str:
     kind = section["kind"]
     if kind == "sessions":
         return sessions_table(section)
-    from . import measure, pgbench
+    from . import callgrind, measure, pgbench
 
     renderers = {"pgbench": pgbench.table, "relay": measure.relay_table,
-                 "waiters": measure.waiters_table, "handoff": measure.handoff_table}
+                 "waiters": measure.waiters_table, "handoff": measure.handoff_table,
+                 "instructions": callgrind.table}
     return renderers[kind](section)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from loadtest import plot
+from loadtest import callgrind, plot
 from loadtest.context import Context, Knobs
 from loadtest.measure import handoff, relay, waiters
 from loadtest.pgbench import run as run_pgbench
@@ -214,6 +214,31 @@ async def test_relay_reads_the_whole_result_through_every_target(spawn: Any) -> 
         assert [run["bytes"] for run in r["runs"]] == [4 << 20] * 2
         assert r["mib_per_s_median"] > 0
     assert table_row(render(section), "MiB/s")[0] == f"{section['results'][0]['mib_per_s_median']:,.1f}"
+
+
+@pytest.mark.skipif(callgrind.valgrind_binaries() is None, reason="valgrind is not installed")
+async def test_instructions_counts_each_proxy_per_connection_and_per_transaction(spawn: Any) -> None:
+    env = await spawn(kinds=("direct", "slotproxy", *(("pgbouncer",) if pgbouncer_binary() else ())))
+    section = await callgrind.instructions(context(env, instr_connections=20, instr_transactions=400))
+    results = by_target(section)
+    assert next(iter(results)) == "slotproxy" and "forwarder" in results
+    assert ("pgbouncer" in results) == bool(pgbouncer_binary())
+    for r in results.values():
+        assert r["per_connection"] > 0 and r["per_transaction"] > 0, r
+    # A session costs more than a transaction on it; the bare forwarder does less than slotproxy.
+    proxy, floor = results["slotproxy"], results["forwarder"]
+    assert proxy["per_connection"] > proxy["per_transaction"]
+    assert floor["per_connection"] < proxy["per_connection"]
+    assert floor["per_transaction"] < proxy["per_transaction"]
+    assert table_row(render(section), "per connection")[0] == f"{proxy['per_connection']:,}"
+
+
+async def test_instructions_says_what_it_needs(spawn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    section = await callgrind.instructions(Context([], Knobs(), Progress(enabled=False)))
+    assert "needs --spawn" in render(section)
+    monkeypatch.setattr(callgrind.shutil, "which", lambda name: None)
+    section = await callgrind.instructions(context(await spawn()))
+    assert "apt-get install valgrind" in render(section) and section["results"] == []
 
 
 async def test_waiters_counts_the_proxys_memory_with_every_client_left_waiting(spawn: Any) -> None:
