@@ -1,4 +1,4 @@
-# The compiled session walker (slotproxy/_walker.c) needs a C compiler; the
+# The compiled per-chunk code (slotproxy/_walker.c) needs a C compiler; the
 # image that runs does without one.
 FROM python:3.11-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \

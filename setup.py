@@ -1,7 +1,7 @@
-"""The compiled framing walker; everything else is in pyproject.toml.
+"""The compiled per-chunk work (framing walker, relay pump); everything else is in pyproject.toml.
 
-It is optional: without a C compiler the install goes on and slotproxy uses
-the same walker in Python (wire.Walker), which costs more CPU per message.
+It is optional: without a C compiler the install goes on and slotproxy uses the
+same code in Python (wire.Walker, relay.PyPump), which costs more CPU per message.
 """
 
 from setuptools import Extension, setup

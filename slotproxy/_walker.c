@@ -1,9 +1,10 @@
-/* The compiled framing walker behind wire.SessionTracker.
+/* The relay's per-chunk work, compiled: the framing walker behind
+ * wire.SessionTracker, and the pump behind relay._Half.
  *
- * It runs on every chunk relayed either way, so it is here in C; wire.Walker
- * is the same walker in Python (the reference, and the fallback where no
- * compiler was at hand). Both read message headers only and skip bodies; the
- * tests run the same cases through both.
+ * Both run on every chunk relayed either way, so they are here in C;
+ * wire.Walker and relay.PyPump are the same in Python (the reference, and the
+ * fallback where no compiler was at hand). The walker reads message headers
+ * only and skips bodies; the tests run the same cases through both versions.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -320,6 +321,131 @@ static PyType_Spec Walker_spec = {
     .slots = Walker_slots,
 };
 
+/* -- Pump: what relay._Half does with each chunk: count it, show it to the
+ * observer (the walker, or the session while it starts), write it on. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *write;    /* the other transport's write */
+    PyObject *observer; /* a callable, or None (NULL after a del: the same) */
+    long long count;    /* bytes read from this side */
+} Pump;
+
+static int
+Pump_init(Pump *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"write", "observer", NULL};
+    PyObject *write, *observer = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:Pump", kwlist, &write, &observer))
+        return -1;
+    Py_INCREF(write);
+    Py_XSETREF(self->write, write);
+    Py_INCREF(observer);
+    Py_XSETREF(self->observer, observer);
+    self->count = 0;
+    return 0;
+}
+
+static int
+Pump_traverse(Pump *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->write);
+    Py_VISIT(self->observer);
+    return 0;
+}
+
+static int
+Pump_clear(Pump *self)
+{
+    Py_CLEAR(self->write);
+    Py_CLEAR(self->observer);
+    return 0;
+}
+
+static void
+Pump_dealloc(Pump *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Pump_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+/* Calls `callable(data)`, holding it: the observer may replace itself while it runs. */
+static int
+call_with(PyObject *callable, PyObject *data)
+{
+    Py_INCREF(callable);
+    PyObject *result = PyObject_CallOneArg(callable, data);
+    Py_DECREF(callable);
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
+static PyObject *
+Pump_data_received(Pump *self, PyObject *data)
+{
+    if (self->write == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Pump used before __init__");
+        return NULL;
+    }
+    Py_ssize_t n = PyBytes_Check(data) ? PyBytes_GET_SIZE(data) : PyObject_Size(data);
+    if (n < 0)
+        return NULL;
+    self->count += n;
+    if (self->observer != NULL && self->observer != Py_None && call_with(self->observer, data) < 0)
+        return NULL;
+    if (call_with(self->write, data) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Pump_methods[] = {
+    {"data_received", (PyCFunction)Pump_data_received, METH_O,
+     "Count a chunk, show it to the observer, write it to the other side."},
+    {NULL},
+};
+
+static PyMemberDef Pump_members[] = {
+    {"count", T_LONGLONG, offsetof(Pump, count), READONLY, "bytes read from this side"},
+    {"observer", T_OBJECT, offsetof(Pump, observer), 0, "sees each chunk before it is written on, or None"},
+    {NULL},
+};
+
+static PyType_Slot Pump_slots[] = {
+    {Py_tp_doc, "The relay's per-chunk work (see relay.PyPump); a base of relay's halves."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, Pump_init},
+    {Py_tp_dealloc, Pump_dealloc},
+    {Py_tp_traverse, Pump_traverse},
+    {Py_tp_clear, Pump_clear},
+    {Py_tp_methods, Pump_methods},
+    {Py_tp_members, Pump_members},
+    {0, NULL},
+};
+
+static PyType_Spec Pump_spec = {
+    .name = "slotproxy._walker.Pump",
+    .basicsize = sizeof(Pump),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE,
+    .slots = Pump_slots,
+};
+
+static int
+add_type(PyObject *module, PyType_Spec *spec, const char *name)
+{
+    PyObject *type = PyType_FromModuleAndSpec(module, spec, NULL);
+    if (type == NULL)
+        return -1;
+    int rc = PyModule_AddObjectRef(module, name, type);
+    Py_DECREF(type);
+    return rc;
+}
+
 static int
 walker_exec(PyObject *module)
 {
@@ -330,12 +456,9 @@ walker_exec(PyObject *module)
         client_kind[(unsigned char)*c] = BATCH;
     client_kind['S'] = SYNC;
     client_kind['X'] = TERMINATE;
-    PyObject *type = PyType_FromModuleAndSpec(module, &Walker_spec, NULL);
-    if (type == NULL)
+    if (add_type(module, &Walker_spec, "Walker") < 0)
         return -1;
-    int rc = PyModule_AddObjectRef(module, "Walker", type);
-    Py_DECREF(type);
-    return rc;
+    return add_type(module, &Pump_spec, "Pump");
 }
 
 static PyModuleDef_Slot walker_module_slots[] = {
@@ -346,7 +469,7 @@ static PyModuleDef_Slot walker_module_slots[] = {
 static struct PyModuleDef walker_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "slotproxy._walker",
-    .m_doc = "The compiled framing walker behind wire.SessionTracker.",
+    .m_doc = "The relay's per-chunk work, compiled: the framing walker and the pump.",
     .m_size = 0,
     .m_slots = walker_module_slots,
 };

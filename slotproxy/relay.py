@@ -17,20 +17,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 WRITE_HIGH_WATER = 256 * 1024
 
 Observer = Callable[[bytes], None]
 
 
-class _Half(asyncio.Protocol):
-    __slots__ = ("count", "observer", "peer", "relay", "transport")
+class PyPump:
+    """The per-chunk work of a half: count, show the observer, write to the other side.
 
-    def __init__(self, relay: Relay, transport: asyncio.Transport, peer: asyncio.Transport,
-                 observer: Observer | None) -> None:
-        self.relay = relay
-        self.transport = transport
-        self.peer = peer
+    The reference for `_walker.Pump`, the same in C, and what runs where no C
+    compiler was at hand at install.
+    """
+
+    __slots__ = ("_write", "count", "observer")
+
+    def __init__(self, write: Callable[[bytes], Any], observer: Observer | None = None) -> None:
+        self._write = write
         self.observer = observer
         self.count = 0  # bytes read from this side
 
@@ -38,38 +42,60 @@ class _Half(asyncio.Protocol):
         self.count += len(data)
         if self.observer is not None:
             self.observer(data)
-        self.peer.write(data)
-
-    # Our transport's write buffer is full: stop reading what fills it.
-    def pause_writing(self) -> None:
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.peer.resume_reading()
+        self._write(data)
 
 
-class _ClientHalf(_Half):
-    __slots__ = ()
-
-    def eof_received(self) -> bool:
-        self.relay._client_gone()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.relay._client_gone()
-        self.relay._client_closed()
+try:
+    from ._walker import Pump as CompiledPump
+except ImportError:  # installed without a C compiler
+    CompiledPump = None
+DEFAULT_PUMP: type = CompiledPump or PyPump  # what relays use
 
 
-class _ServerHalf(_Half):
-    __slots__ = ()
+def _halves(pump: type) -> tuple[type, type]:
+    """The client and the server half of a relay, on `pump`."""
 
-    def eof_received(self) -> bool:
-        self.relay._server_gone()
-        return False
+    class Half(pump, asyncio.Protocol):  # type: ignore[valid-type, misc]
+        __slots__ = ("peer", "relay")
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.relay._server_gone()
-        self.relay._server_closed()
+        def __init__(self, relay: Relay, peer: asyncio.Transport, observer: Observer | None) -> None:
+            super().__init__(peer.write, observer)
+            self.relay = relay
+            self.peer = peer
+
+        # Our transport's write buffer is full: stop reading what fills it.
+        def pause_writing(self) -> None:
+            self.peer.pause_reading()
+
+        def resume_writing(self) -> None:
+            self.peer.resume_reading()
+
+    class ClientHalf(Half):
+        __slots__ = ()
+
+        def eof_received(self) -> bool:
+            self.relay._client_gone()
+            return False
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.relay._client_gone()
+            self.relay._client_closed()
+
+    class ServerHalf(Half):
+        __slots__ = ()
+
+        def eof_received(self) -> bool:
+            self.relay._server_gone()
+            return False
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.relay._server_gone()
+            self.relay._server_closed()
+
+    return ClientHalf, ServerHalf
+
+
+_HALVES = {pump: _halves(pump) for pump in (PyPump, CompiledPump) if pump is not None}
 
 
 class _Drain(asyncio.Protocol):
@@ -115,8 +141,9 @@ class Relay:
         self._server_left = False
         for t in (client, server):
             t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.server_half = _ServerHalf(self, server, client, server_observer)
-        self.client_half = _ClientHalf(self, client, server, client_observer)
+        client_half, server_half = _HALVES[DEFAULT_PUMP]
+        self.server_half = server_half(self, client, server_observer)
+        self.client_half = client_half(self, server, client_observer)
         client.set_protocol(self.client_half)
         server.set_protocol(self.server_half)
 

@@ -132,7 +132,8 @@ class Proxy:
         logger.info("listening on %s; %s", ", ".join(str(a) for a in self.addresses), servers)
         if wire.CompiledWalker is None:
             logger.warning("slotproxy._walker was not built at install (no C compiler?): sessions are "
-                           "followed in Python, which costs several microseconds of CPU per query more")
+                           "relayed and followed in Python, which costs several microseconds of CPU "
+                           "per query more")
 
     @property
     def addresses(self) -> list[Address]:

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 import uvloop
 
-from slotproxy import config, wire
+from slotproxy import config, relay, wire
 from slotproxy.cluster import Cluster, Template
 from slotproxy.server import Proxy
 
@@ -27,12 +27,17 @@ ALICE_PASSWORD = "wonderland"
 ROLES_SQL = (f"create role app login; create role alice login password '{ALICE_PASSWORD}'; "
              "create role repl login replication;")
 
-# Session tracking runs on the compiled walker, or on the reference one where no
-# compiler was at hand at install: tests that follow sessions run on both.
+# Session tracking and the relay's per-chunk work run compiled, or on the reference
+# versions where no compiler was at hand at install: the tests of both run on both.
+_NOT_BUILT = pytest.mark.skipif(wire.CompiledWalker is None,
+                                reason="slotproxy._walker was not built (no C compiler at install)")
 WALKERS = [
     pytest.param(wire.Walker, id="python-walker"),
-    pytest.param(wire.CompiledWalker, id="compiled-walker", marks=pytest.mark.skipif(
-        wire.CompiledWalker is None, reason="slotproxy._walker was not built (no C compiler at install)")),
+    pytest.param(wire.CompiledWalker, id="compiled-walker", marks=_NOT_BUILT),
+]
+PUMPS = [
+    pytest.param(relay.PyPump, id="python-pump"),
+    pytest.param(relay.CompiledPump, id="compiled-pump", marks=_NOT_BUILT),
 ]
 
 

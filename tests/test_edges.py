@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from slotproxy import backend, wire
+from slotproxy import backend, relay, wire
 from slotproxy.admission import Admission, Limits, State, Ticket
 from slotproxy.cluster import Cluster
 from slotproxy.gate import Gate
@@ -283,6 +283,7 @@ async def test_without_the_compiled_walker_the_proxy_says_so_and_serves(
         pg: Cluster, proxy_factory: Any, caplog: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wire, "CompiledWalker", None)  # as installed without a C compiler
     monkeypatch.setattr(wire, "DEFAULT_WALKER", wire.Walker)
+    monkeypatch.setattr(relay, "DEFAULT_PUMP", relay.PyPump)
     caplog.set_level(logging.WARNING, logger="slotproxy")
     proxy = await proxy_factory(pg)
     assert "slotproxy._walker was not built at install" in caplog.text
@@ -290,6 +291,7 @@ async def test_without_the_compiled_walker_the_proxy_says_so_and_serves(
     assert await conn.fetchval("select 1") == 1
     [session] = proxy.sessions
     assert type(session.tracker.walker) is wire.Walker and session.state == wire.IDLE
+    assert isinstance(session.relay.client_half, relay.PyPump)
     await conn.close()
 
 

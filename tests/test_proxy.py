@@ -10,12 +10,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from slotproxy import wire
+from slotproxy import relay, wire
 from slotproxy.cluster import Cluster
 from slotproxy.demo import one_client
 from slotproxy.server import Proxy
 
-from .conftest import ALICE_PASSWORD, PeakWatcher, wait_until
+from .conftest import ALICE_PASSWORD, PUMPS, PeakWatcher, wait_until
 from .pgraw import TERMINATE, RawClient, query
 
 
@@ -315,9 +315,14 @@ async def test_bytes_sent_before_the_server_answered_are_not_lost(
     assert await raw.read_eof() == b""
 
 
-async def test_large_result_and_copy_both_ways_arrive_complete(pg: Cluster, proxy_factory: Any) -> None:
+@pytest.mark.parametrize("pump", PUMPS)
+async def test_large_result_and_copy_both_ways_arrive_complete(
+        pg: Cluster, proxy_factory: Any, pump: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "DEFAULT_PUMP", pump)
     proxy = await proxy_factory(pg)
     conn = await connect(proxy)
+    [session] = proxy.sessions
+    assert isinstance(session.relay.client_half, pump)
     rows = await conn.fetch("select i, repeat(md5(i::text), 32) as s from generate_series(1, 51200) i")
     assert len(rows) == 51200
     assert sum(len(r["s"]) for r in rows) == 51200 * 1024  # 50 MiB of payload
@@ -332,6 +337,9 @@ async def test_large_result_and_copy_both_ways_arrive_complete(pg: Cluster, prox
     await conn.copy_from_table("copied", output=out)
     lines = out.getvalue().splitlines()
     assert len(lines) == 100_000 and lines[-1] == b"99999\trow 99999"
+    # The halves counted what they relayed, and the tracker followed it to the end.
+    assert session.relay.bytes_to_client > 50 * 2**20 and session.relay.bytes_to_server > 100_000 * 8
+    assert session.state == wire.IDLE
     await conn.close()
 
 
