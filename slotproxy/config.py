@@ -127,12 +127,8 @@ MAX_SOCKET_PATH = 107
 def server_host(value: Any) -> str:
     """A host name or address, or (as in libpq) the directory of the server's Unix socket."""
     if isinstance(value, str) and value.strip().startswith("/"):
-        directory = value.strip()
-        longest = len(os.fsencode(f"{directory.rstrip('/')}/.s.PGSQL.65535"))
-        if longest > MAX_SOCKET_PATH:
-            raise ValueError(f"socket directory {directory!r} is too long: the socket path in it "
-                             f"would take up to {longest} bytes, and at most {MAX_SOCKET_PATH} fit")
-        return directory
+        # One spelling per directory: "/run/pg/" and "/run//pg" are one server, with one budget.
+        return "/" + os.path.normpath(value.strip()).lstrip("/")
     return hostname(value)
 
 
@@ -578,7 +574,7 @@ def from_mapping(data: Mapping[str, Any], source: str, overrides: Iterable[Overr
         # As libpq: the system's CAs vouch for any name, so only a name check makes them safe.
         raise ConfigError(origins.get("backend.sslrootcert", source), "backend.sslrootcert",
                           f"\"system\" needs sslmode = \"verify-full\" (not \"{config.backend.sslmode}\")")
-    _check_socket_tls(config, origins, source)
+    _check_sockets(config, origins, source)
     check_shares(config, config.proxy.workers, origins.get("proxy.workers", source))
     if config.admission.max_backend_slots == AUTO and not config.monitor.dsn:
         raise ConfigError(origins["admission.max_backend_slots"], "admission.max_backend_slots",
@@ -586,15 +582,21 @@ def from_mapping(data: Mapping[str, Any], source: str, overrides: Iterable[Overr
     return config
 
 
-def _check_socket_tls(config: Config, origins: Mapping[str, str], source: str) -> None:
-    """PostgreSQL offers no TLS on its Unix-domain sockets: refuse settings that need it there."""
+def _check_sockets(config: Config, origins: Mapping[str, str], source: str) -> None:
+    """Unix-domain sockets: a path that fits, and no TLS asked for (PostgreSQL offers none there)."""
     unix = [(f"databases.{r.name}.host" if r.name.isidentifier() else f'databases."{r.name}".host',
-             r.host) for r in config.databases if r.address.socket_path]
+             r.address) for r in config.databases if r.address.socket_path]
     if config.backend.address.socket_path and (config.backend_given or not config.databases):
-        unix.insert(0, ("backend.host", config.backend.host))
+        unix.insert(0, ("backend.host", config.backend.address))
     if not unix:
         return
-    dotted, host = unix[0]
+    for dotted, address in unix:
+        length = len(os.fsencode(address.socket_path))  # type: ignore[arg-type]
+        if length > MAX_SOCKET_PATH:
+            raise ConfigError(origins.get(dotted, source), dotted,
+                              f"the socket path {address.socket_path!r} takes {length} bytes, "
+                              f"and at most {MAX_SOCKET_PATH} fit: use a shorter directory")
+    dotted, host = unix[0][0], unix[0][1].host
     if config.backend.sslmode in ("require", "verify-ca", "verify-full"):
         raise ConfigError(origins.get("backend.sslmode", source), "backend.sslmode",
                           f"\"{config.backend.sslmode}\" cannot be met over the Unix-domain socket "

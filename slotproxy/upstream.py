@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from . import backend, capacity, wire
 from .admission import Admission, Limits
@@ -37,7 +37,10 @@ def monitor_dsn(dsn: str, address: Address, primary: Address) -> str:
     else:
         host = f"[{address.host}]" if ":" in address.host else address.host
         netloc = f"{userinfo}@{host}:{address.port}" if userinfo else f"{host}:{address.port}"
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="/")))
+    # Not urlunsplit: it drops the "//" of an empty netloc. %20, not "+", for a space: libpq
+    # reads "+" as itself.
+    query_text = urlencode(query, safe="/", quote_via=quote)
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query_text}" if query_text else "")
 
 
 class Upstream:

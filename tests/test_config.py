@@ -48,7 +48,8 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
      "\"passthrough\" needs TLS from the server"),
     ("[databases.sales]\nhost = \"/run/pg\"\n[backend]\nsslmode = \"verify-full\"\n"
      "sslrootcert = \"system\"", "backend.sslmode", "databases.sales.host = \"/run/pg\""),
-    (f"[backend]\nhost = \"/{'d' * 100}\"", "backend.host", "at most 107 fit"),
+    (f"[backend]\nhost = \"/{'d' * 92}\"\nport = 10000", "backend.host",
+     "takes 108 bytes, and at most 107 fit"),
 ])
 def test_errors_name_the_key_and_the_problem(text: str, where: str, problem: str) -> None:
     with pytest.raises(ConfigError) as raised:
@@ -66,6 +67,12 @@ def test_a_server_host_may_be_a_unix_socket_directory_as_in_libpq() -> None:
     assert str(cfg.backend.address) == "/run/postgresql/.s.PGSQL.5433"
     assert Address("127.0.0.1", 5432).socket_path is None
     assert config.parse_server_address("/run/postgresql:5433") == Address("/run/postgresql", 5433)
+    # One directory, however spelt, is one server (and one budget).
+    same = config.from_mapping({"backend": {"host": "//run/./postgresql"},
+                                "databases": {"a": {"host": "/run/postgresql/"}, "b": {}}}, "t")
+    assert {r.address for r in same.databases} == {Address("/run/postgresql", 5432)}
+    fits = config.from_mapping({"backend": {"host": "/" + "d" * 92, "port": 5432}}, "t")  # 107 bytes
+    assert len(fits.backend.address.socket_path) == 107
     assert config.parse_server_address("[::1]:5432") == Address("::1", 5432)
     with pytest.raises(ValueError, match="SOCKET/DIRECTORY:PORT"):
         config.parse_server_address("/run/postgresql")

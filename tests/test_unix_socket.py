@@ -82,3 +82,6 @@ def test_a_routes_monitor_dsn_points_at_its_socket_and_back() -> None:
         "postgresql://mon@10.0.3.20:6543/postgres?sslmode=disable"
     assert monitor_dsn("postgresql://mon@10.0.3.10/postgres", Address("/tmp/pg", 5433), primary) == \
         "postgresql://mon@/postgres?host=/tmp/pg&port=5433"
+    # No user part: the "//" stays (libpq would misread "postgresql:/postgres"); a space as %20.
+    assert monitor_dsn("postgresql:///postgres?options=-c%20jit%3Doff", Address("/tmp/pg", 5433), primary) \
+        == "postgresql:///postgres?options=-c%20jit%3Doff&host=/tmp/pg&port=5433"
