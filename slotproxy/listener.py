@@ -66,7 +66,6 @@ class Listener:
         for sock in self.sockets:
             self.loop.add_reader(sock.fileno(), self._accept, sock)
 
-
     def close(self) -> None:
         self._closed = True
         for timer in self._timers.values():
