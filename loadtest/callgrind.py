@@ -20,16 +20,15 @@ import asyncio
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 from .context import Context
 from .procs import (
     Child,
+    ForwarderProcess,
     PgBouncerProcess,
     SlotproxyProcess,
-    _log_file,
     scratch_dir,
     server_account,
 )
@@ -43,27 +42,6 @@ PGBENCH_CLIENTS = 4  # sessions of the per-transaction run, counted out of it
 def valgrind_binaries() -> tuple[str, str] | None:
     valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
     return (valgrind, control) if valgrind and control else None
-
-
-class ForwarderProcess(Child):
-    name = "forwarder"
-
-    @classmethod
-    async def start(cls, workdir: Path, backend: tuple[str, int], *, wrap: list[str],
-                    ready_timeout: float) -> ForwarderProcess:
-        log = workdir / "forwarder.log"
-        with _log_file(log) as out:
-            proc = await asyncio.create_subprocess_exec(
-                *wrap, sys.executable, "-m", "loadtest.forwarder", "--backend", f"{backend[0]}:{backend[1]}",
-                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-        self = cls(proc, log)
-        try:
-            m = await self._await_log(r"listening on 127\.0\.0\.1:(\d+)", ready_timeout)
-        except BaseException:
-            await self.stop()
-            raise
-        self.port = int(m.group(1))
-        return self
 
 
 async def instructions(ctx: Context) -> dict[str, Any]:

@@ -49,7 +49,9 @@ def parser() -> argparse.ArgumentParser:
     spawn = p.add_argument_group("--spawn: a throwaway server, slotproxy and PgBouncer (session mode)")
     spawn.add_argument("--spawn", action="store_true", help="start the targets; stop them afterwards")
     spawn.add_argument("--spawn-targets", metavar="LIST", default=None,
-                       help=f"which, in this order (default {','.join(KINDS)}; PgBouncer only if installed)")
+                       help=f"which, in this order (default {','.join(KINDS)}; PgBouncer only if installed; "
+                            "add forwarder, a bare uvloop forwarder, for the floor of a Python relay "
+                            "in pgbench and relay)")
     spawn.add_argument("--max-connections", type=int, default=20, help="the server's (default 20)")
     spawn.add_argument("--reserved", type=int, default=3,
                        help="its superuser_reserved_connections (default 3)")

@@ -71,9 +71,14 @@ class Context:
 
     @classmethod
     def spawned(cls, env: Environment, knobs: Knobs, progress: Progress) -> Context:
-        """For the targets `--spawn` started: the server is known, and the proxies' slots."""
+        """For the targets `--spawn` started: the server is known, and the proxies' slots.
+
+        The forwarder has no slot limit (it opens a server session per client), so `waiters`
+        skips it.
+        """
         return cls(env.targets, knobs, progress, env=env, server_dsn=env.server_dsn,
-                   slots={t.name: env.options.slots for t in env.targets if t.kind != "direct"})
+                   slots={t.name: env.options.slots for t in env.targets
+                          if t.kind in ("slotproxy", "pgbouncer")})
 
     def knob(self, scenario: str, name: str) -> float:
         value = getattr(self.knobs, name)

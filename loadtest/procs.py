@@ -205,6 +205,33 @@ class SlotproxyProcess(Child):
         return self
 
 
+class ForwarderProcess(Child):
+    """loadtest.forwarder: a bare uvloop forwarder, the floor of any Python relay."""
+
+    name = "forwarder"
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
+        super().__init__(proc, log)
+        self.port = 0
+
+    @classmethod
+    async def start(cls, workdir: Path, backend: tuple[str, int], *, wrap: Sequence[str] = (),
+                    ready_timeout: float = 20) -> ForwarderProcess:
+        log = workdir / "forwarder.log"
+        with _log_file(log) as out:
+            proc = await asyncio.create_subprocess_exec(
+                *wrap, sys.executable, "-m", "loadtest.forwarder", "--backend", f"{backend[0]}:{backend[1]}",
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        self = cls(proc, log)
+        try:
+            m = await self._await_log(r"listening on 127\.0\.0\.1:(\d+)", ready_timeout)
+        except BaseException:
+            await self.stop()
+            raise
+        self.port = int(m.group(1))
+        return self
+
+
 def server_account() -> pwd.struct_passwd | None:
     """PgBouncer refuses to run as root: run it as postgres then, as the clusters run."""
     if os.geteuid() != 0:

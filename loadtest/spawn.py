@@ -19,11 +19,21 @@ import asyncpg
 
 from slotproxy.cluster import SUPERUSER, Cluster, Template, free_port
 
-from .procs import PgBouncerProcess, SlotproxyProcess, pgbouncer_binary, raise_fd_limit, scratch_dir
+from .procs import (
+    ForwarderProcess,
+    PgBouncerProcess,
+    SlotproxyProcess,
+    pgbouncer_binary,
+    raise_fd_limit,
+    scratch_dir,
+)
 from .targets import Target, UsageError
 
 APP_ROLE = "app"
 KINDS = ("direct", "slotproxy", "pgbouncer")
+# Only when named in --spawn-targets: the floor of a Python relay, for pgbench and relay.
+# It has no queue, so the scenarios that exhaust slots see the server's refusals through it.
+OPTIONAL_KINDS = ("forwarder",)
 SETTLE_TIMEOUT = 30.0
 
 T = TypeVar("T")
@@ -67,7 +77,7 @@ class Environment:
         self.template: Template | None = None
         self.cluster: Cluster | None = None
         self.workdir: Path | None = None
-        self.children: list[SlotproxyProcess | PgBouncerProcess] = []
+        self.children: list[SlotproxyProcess | PgBouncerProcess | ForwarderProcess] = []
         self.targets: list[Target] = []
         self.notes: list[str] = []
         self.pgbench_ready = False
@@ -97,8 +107,9 @@ class Environment:
     async def _start(self) -> None:
         opts = self.options
         for kind in opts.kinds:
-            if kind not in KINDS:
-                raise UsageError(f"--spawn-targets: unknown target {kind!r} (choose from {', '.join(KINDS)})")
+            if kind not in KINDS + OPTIONAL_KINDS:
+                raise UsageError(f"--spawn-targets: unknown target {kind!r} "
+                                 f"(choose from {', '.join(KINDS + OPTIONAL_KINDS)})")
         want_bouncer = "pgbouncer" in opts.kinds
         if want_bouncer and pgbouncer_binary() is None:
             if opts.kinds_given:
@@ -126,6 +137,10 @@ class Environment:
                     queue_timeout=opts.queue_timeout)
                 self.children.append(proxy)
                 self.targets.append(Target("slotproxy", _dsn(proxy.port), "slotproxy", proxy.pid))
+            elif kind == "forwarder":
+                forwarder = await ForwarderProcess.start(self.workdir, backend)
+                self.children.append(forwarder)
+                self.targets.append(Target("forwarder", _dsn(forwarder.port), "forwarder", forwarder.pid))
             elif want_bouncer:
                 bouncer = await PgBouncerProcess.start(
                     self.workdir, backend, free_port(), pool_size=opts.slots,

@@ -208,11 +208,15 @@ async def test_pgbench_interleaved_rounds_with_and_without_a_connection_per_tran
 
 
 async def test_relay_reads_the_whole_result_through_every_target(spawn: Any) -> None:
-    env = await spawn()
-    section = await relay(context(env, relay_mb=4, rounds=2))
+    env = await spawn(kinds=("direct", "slotproxy", "forwarder"))
+    ctx = context(env, relay_mb=4, rounds=2)
+    section = await relay(ctx)
+    assert [r["target"] for r in section["results"]] == ["direct", "slotproxy", "forwarder"]
     for r in section["results"]:
         assert [run["bytes"] for run in r["runs"]] == [4 << 20] * 2
         assert r["mib_per_s_median"] > 0
+    assert by_target(section)["forwarder"]["proxy_cpu_s_median"] is not None
+    assert "forwarder" not in ctx.slots, "the forwarder has no queue: waiters must skip it"
     assert table_row(render(section), "MiB/s")[0] == f"{section['results'][0]['mib_per_s_median']:,.1f}"
 
 
