@@ -176,6 +176,14 @@ class Relay:
         self.client.abort()
         self.server.abort()
 
+    def detach(self) -> None:
+        """The session is over: drop what refers back to it, and once both sides have
+        closed (nothing calls the halves any more), the halves' link to this relay."""
+        self._on_client_gone = None
+        self.client_half.observer = self.server_half.observer = None
+        if self.client_closed.done() and self.server_closed.done():
+            self.client_half.relay = self.server_half.relay = None
+
     def _client_gone(self) -> None:
         if self._client_left:
             return

@@ -21,6 +21,7 @@ import asyncio.sslproto
 import enum
 import logging
 import ssl
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import backend, console, tlsconfig, wire
@@ -74,9 +75,7 @@ class Handshake(asyncio.Protocol):
         self.session = self.proxy.open_session(transport, self)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
-        session = self.session
-        assert session is not None
-        if self.discarding:
+        if self.discarding or self.session is None:  # None: the session is over
             return
         if self.raw or self.reader.finished:
             self._keep(data)
@@ -236,11 +235,13 @@ class Session:
             await self._run()
         except ClientError as e:
             self._refuse(e)
+            _drop_frames(e)
         except asyncio.CancelledError:
             self._interrupted()
-        except Exception:
+        except Exception as e:
             self.log.exception("internal error")
             self._refuse(ClientError(Reason.INTERNAL_ERROR, "XX000", "slotproxy internal error"))
+            _drop_frames(e)
 
     def finalize(self) -> None:
         """Close and release whatever is left; runs once the task is done.
@@ -251,6 +252,19 @@ class Session:
         if self.reason is None:
             self._interrupted()
         self._cleanup()
+        self._unlink()
+
+    def _unlink(self) -> None:
+        """Break this session's reference cycles, so that it is freed at once.
+
+        Left to the cyclic garbage collector, every connection's thirty-odd
+        objects would wait for a collection, and cost one.
+        """
+        self.handshake.session = None
+        if self.ticket.state is not State.HOLDING:  # else a release still to come logs it
+            self.ticket.info = None
+        if self.relay is not None:
+            self.relay.detach()
 
     def _interrupted(self) -> None:
         """The task was cancelled: the client left, it was refused, or we shut down."""
@@ -818,15 +832,31 @@ async def _release_when_closed(gate: Gate, ticket: Ticket, transport: asyncio.Tr
             gate.release(ticket)
 
 
+def _drop_frames(error: BaseException) -> None:
+    """Forget where `error` (and what it came from) was raised, once it has been answered.
+
+    Its traceback holds the frames that raised it, whose locals hold the session
+    and often the error itself: a reference cycle, else.
+    """
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+
+
 class _Prefixed(logging.LoggerAdapter):
     """Gives every line the connection's id, user, database and address (see logs.py)."""
 
     def __init__(self, base: logging.Logger, session: Session) -> None:
         super().__init__(base, {})
-        self.session = session
+        self.session = weakref.ref(session)  # no cycle: see Session._unlink
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        s = self.session
+        s = self.session()
+        if s is None:
+            return msg, kwargs
         fields = {"conn": s.id, "client": f"{s.client_addr}:{s.client_port}"}
         if s.startup is not None:
             fields.update(user=s.user, database=s.database, application_name=s.application_name)

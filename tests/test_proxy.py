@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import struct
 from typing import Any
@@ -13,7 +14,9 @@ import pytest
 from slotproxy import relay, wire
 from slotproxy.cluster import Cluster
 from slotproxy.demo import one_client
+from slotproxy.relay import Relay
 from slotproxy.server import Proxy
+from slotproxy.session import Session
 
 from .conftest import ALICE_PASSWORD, PUMPS, PeakWatcher, wait_until
 from .pgraw import TERMINATE, RawClient, query
@@ -425,3 +428,31 @@ async def test_both_sockets_of_a_session_have_tcp_nodelay(pg: Cluster, proxy_fac
         sock = transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     await conn.close()
+
+
+async def test_a_finished_session_is_freed_without_the_garbage_collector(
+        pg: Cluster, proxy_factory: Any) -> None:
+    """Its objects go when it ends, whatever the ending: none is left for a collection."""
+    proxy = await proxy_factory(pg, admission={"max_backend_slots": 1, "queue_timeout": 0.3})
+    gc.collect()
+    gc.disable()
+    try:
+        conn = await connect(proxy)  # relayed, then closed by the client
+        assert await conn.fetchval("select 1") == 1
+        ghost = await RawClient.connect(**at(proxy))  # hangs up while it waits
+        ghost.send_startup(application_name="ghost")
+        await wait_until(lambda: admission(proxy).waiting == 1, "the ghost waiting")
+        ghost.close()
+        with pytest.raises(asyncpg.TooManyConnectionsError):
+            await connect(proxy)  # refused at the queue deadline
+        await conn.close()
+        code, out, _ = await psql(proxy, "select 2")  # libpq's session, ended by Terminate
+        assert (code, out.strip()) == (0, "2")
+        raw = await RawClient.connect(**at(proxy))  # refused for a malformed packet
+        raw.send(b"GET / HTTP/1.1\r\n\r\n")
+        assert (await raw.read_error_then_eof())["C"] == "08P01"
+        await wait_until(lambda: not proxy.sessions, "every session to end")
+        left = [o for o in gc.get_objects() if isinstance(o, (Session, Relay))]
+        assert left == [], f"{len(left)} sessions or relays wait for the garbage collector"
+    finally:
+        gc.enable()
