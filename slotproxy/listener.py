@@ -64,7 +64,7 @@ class Listener:
 
     def start(self) -> None:
         for sock in self.sockets:
-            self.loop.add_reader(sock.fileno(), self._accept, sock)
+            self.loop.add_reader(sock.fileno(), self._accept, sock, sock.family)
 
     def close(self) -> None:
         self._closed = True
@@ -75,8 +75,8 @@ class Listener:
                 self.loop.remove_reader(sock.fileno())
                 sock.close()
 
-    def _accept(self, sock: socket.socket) -> None:
-        family = sock.family
+    def _accept(self, sock: socket.socket, family: socket.AddressFamily) -> None:
+        # `family` comes from start(): sock.family runs an enum lookup in Python on each call.
         for _ in range(BATCH):
             try:
                 # socket.accept() without what it does per call to learn the family and
@@ -120,5 +120,5 @@ class Listener:
     def _resume(self, sock: socket.socket) -> None:
         self._timers.pop(sock.fileno(), None)
         if not self._closed:
-            self.loop.add_reader(sock.fileno(), self._accept, sock)
-            self._accept(sock)
+            self.loop.add_reader(sock.fileno(), self._accept, sock, sock.family)
+            self._accept(sock, sock.family)
