@@ -261,7 +261,7 @@ class Session:
         objects would wait for a collection, and cost one.
         """
         self.handshake.session = None
-        if self.ticket.state is not State.HOLDING:  # else a release still to come logs it
+        if self.ticket.state is not State.HOLDING:  # a holder stays listed until its backend exits
             self.ticket.info = None
         if self.relay is not None:
             self.relay.detach()
