@@ -13,7 +13,7 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from .config import Address
@@ -26,16 +26,12 @@ BACKOFF_CAP = 2.0
 BATCH = 64  # connections accepted per wakeup, so that one busy socket does not starve the loop
 
 
-Serve = Callable[[socket.socket], Coroutine[Any, Any, None]]
-
-
 class Listener:
-    """Each accepted socket goes to `serve`, run as a task of its own."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket], serve: Serve) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket],
+                 factory: Callable[[], asyncio.Protocol]) -> None:
         self.loop = loop
         self.sockets = sockets
-        self.serve = serve
+        self.factory = factory
         self.pauses = 0  # times accepting paused for lack of descriptors
         self._backoff = 0.0
         self._timers: dict[int, asyncio.TimerHandle] = {}
@@ -43,7 +39,7 @@ class Listener:
         self._closed = False
 
     @classmethod
-    def bind(cls, loop: asyncio.AbstractEventLoop, address: Address, serve: Serve,
+    def bind(cls, loop: asyncio.AbstractEventLoop, address: Address, factory: Callable[[], asyncio.Protocol],
              *, backlog: int, reuse_port: bool = False) -> Listener:
         infos = socket.getaddrinfo(address.host or None, address.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
@@ -64,7 +60,7 @@ class Listener:
             for sock in sockets:
                 sock.close()
             raise
-        return cls(loop, sockets, serve)
+        return cls(loop, sockets, factory)
 
     def start(self) -> None:
         for sock in self.sockets:
@@ -98,9 +94,16 @@ class Listener:
                 logger.error("accept failed: %s", e)
                 return
             self._backoff = 0.0
-            task = self.loop.create_task(self.serve(conn))
+            task = self.loop.create_task(self._open(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _open(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.factory, conn)
+        except OSError as e:
+            logger.warning("could not set up an accepted connection: %s", e)
+            conn.close()
 
     def _pause(self, sock: socket.socket, error: OSError) -> None:
         """Out of descriptors: stop accepting on `sock` for a while; the backlog holds the rest."""

@@ -11,7 +11,6 @@ import collections
 import dataclasses
 import itertools
 import logging
-import socket
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -125,7 +124,7 @@ class Proxy:
             await self.admin.start(self.config.admin.listen)
             logger.info("admin endpoints on %s: /metrics /status /health /ready", self.admin.address)
         listen = self.config.proxy.listen
-        listener = Listener.bind(loop, listen, self._serve, backlog=LISTEN_BACKLOG,
+        listener = Listener.bind(loop, listen, lambda: Handshake(self), backlog=LISTEN_BACKLOG,
                                  reuse_port=self.reuse_port)
         listener.start()
         self._listeners.append(listener)
@@ -199,18 +198,6 @@ class Proxy:
 
     # -- sessions --------------------------------------------------------------------
 
-    async def _serve(self, conn: socket.socket) -> None:
-        """An accepted connection from start to end: this task is its session's task."""
-        handshake = Handshake(self, asyncio.current_task())  # type: ignore[arg-type]
-        try:
-            await self.loop.connect_accepted_socket(lambda: handshake, conn)
-        except OSError as e:
-            logger.warning("could not set up an accepted connection: %s", e)
-            conn.close()
-            return
-        if handshake.session is not None:  # made by connection_made, before the await returns
-            await handshake.session.run()
-
     def open_session(self, transport: asyncio.Transport, handshake: Handshake) -> Session:
         # uvloop sets TCP_NODELAY on every TCP transport, accepted and connected.
         session = Session(self, transport, handshake, next(self._ids))
@@ -233,7 +220,7 @@ class Proxy:
         self.sessions.add(session)
         assert self._all_closed is not None
         self._all_closed.clear()
-        session.task = handshake.task
+        session.task = self.loop.create_task(session.run())
         session.task.add_done_callback(lambda _: self._session_done(session))
         return session
 

@@ -9,9 +9,9 @@
 feeds the sans-IO reader, answers GSSENCRequest (and SSLRequest while TLS is
 off) with 'N', hands the session an SSLRequest to answer otherwise, and keeps
 reading while the client waits, so that a hang-up is seen at once and bytes
-sent early are kept for the server. `Session.run` drives the phases, TLS
-set-up included, in the task the listener started for the connection; that
-task is cancelled when the client leaves before its session is relayed.
+sent early are kept for the server. `Session.run` is the one task that drives
+the phases, TLS set-up included; it is cancelled when the client leaves
+before its session is relayed.
 """
 
 from __future__ import annotations
@@ -62,11 +62,10 @@ class Handshake(asyncio.Protocol):
     """The client connection from accept until its session is relayed."""
 
     # Slots: one of these per waiting client, thousands at a time.
-    __slots__ = ("discarding", "early", "proxy", "raw", "reader", "session", "task", "transport", "waiting")
+    __slots__ = ("discarding", "early", "proxy", "raw", "reader", "session", "transport", "waiting")
 
-    def __init__(self, proxy: Proxy, task: asyncio.Task[None]) -> None:
+    def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
-        self.task = task  # the connection's task, which runs its session
         self.reader = wire.StartupReader()
         self.early = bytearray()
         self.session: Session | None = None
