@@ -81,6 +81,8 @@ class _FirstAnswer(asyncio.Protocol):
     is held back until the message after it is known.
     """
 
+    __slots__ = ("auth_ok", "closed", "framer", "received", "result", "retry", "ssl_answer", "transport")
+
     def __init__(self, result: asyncio.Future[bytearray], retry: bool) -> None:
         self.result = result
         self.retry = retry

@@ -122,6 +122,9 @@ class Relay:
     once if the client leaves while the server connection is still open.
     """
 
+    __slots__ = ("_client_left", "_on_client_gone", "_server_left", "client", "client_closed",
+                 "client_half", "server", "server_closed", "server_half")
+
     def __init__(
         self,
         client: asyncio.Transport,

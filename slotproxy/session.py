@@ -296,8 +296,8 @@ class Session:
             try:
                 async with deadline(loop, self.task, loop.time() + min(2.0, config.proxy.startup_timeout)):
                     await self._first
-            except (TimeoutError, ClientError):
-                pass
+            except (TimeoutError, ClientError) as e:
+                _drop_frames(e)
             raise self.over_limit
         try:
             async with deadline(loop, self.task, loop.time() + config.proxy.startup_timeout):
@@ -527,7 +527,8 @@ class Session:
                         upstream.client_waiting()
                     try:
                         await gate.wait(self.ticket)
-                    except Rerouted:
+                    except Rerouted as e:
+                        e.__traceback__ = None  # its waker future keeps it: no cycle through our frames
                         continue
                     self.phase = Phase.CONNECTING
                     sent = len(self.handshake.early)
@@ -539,6 +540,7 @@ class Session:
                             passthrough=self.passthrough)
                     except backend.ConnectFailed as e:
                         failure = e
+                        e.__traceback__ = None  # kept for the message; its frames would hold this session
                         attempts += 1
                         self.proxy.stats.retries[str(upstream.address), e.sqlstate or "connect"] += 1
                         self.log.debug("attempt %d: %s; waiting to retry", attempts, e.what)
@@ -840,6 +842,7 @@ async def _release_when_closed(gate: Gate, ticket: Ticket, transport: asyncio.Tr
     finally:
         if ticket.state is State.HOLDING:
             gate.release(ticket)
+        ticket.info = None  # listed with its session until the slot came back; no cycle after
 
 
 def _drop_frames(error: BaseException) -> None:

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from slotproxy import relay, wire
-from slotproxy.cluster import Cluster
+from slotproxy.cluster import Cluster, free_port
 from slotproxy.demo import one_client
 from slotproxy.relay import Relay
 from slotproxy.server import Proxy
@@ -434,6 +434,9 @@ async def test_a_finished_session_is_freed_without_the_garbage_collector(
         pg: Cluster, proxy_factory: Any) -> None:
     """Its objects go when it ends, whatever the ending: none is left for a collection."""
     proxy = await proxy_factory(pg, admission={"max_backend_slots": 1, "queue_timeout": 0.3})
+    crowded = await proxy_factory(pg, proxy={"max_clients": 1})
+    nowhere = await proxy_factory(None, backend={"host": "127.0.0.1", "port": free_port()},
+                                  admission={"queue_timeout": 0.3})
     gc.collect()
     gc.disable()
     try:
@@ -451,7 +454,16 @@ async def test_a_finished_session_is_freed_without_the_garbage_collector(
         raw = await RawClient.connect(**at(proxy))  # refused for a malformed packet
         raw.send(b"GET / HTTP/1.1\r\n\r\n")
         assert (await raw.read_error_then_eof())["C"] == "08P01"
-        await wait_until(lambda: not proxy.sessions, "every session to end")
+        with pytest.raises(asyncpg.ConnectionFailureError) as unreachable:
+            await connect(nowhere)  # retried until the queue deadline
+        assert unreachable.value.sqlstate == "08006"
+        first = await connect(crowded)
+        over = await RawClient.connect(**at(crowded))  # over max_clients, and sends garbage
+        over.send(b"GET / HTTP/1.1\r\n\r\n")
+        assert (await over.read_error_then_eof())["C"] == "53300"
+        await first.close()
+        for p in (proxy, crowded, nowhere):
+            await wait_until(lambda p=p: not p.sessions, "every session to end")
         left = [o for o in gc.get_objects() if isinstance(o, (Session, Relay))]
         assert left == [], f"{len(left)} sessions or relays wait for the garbage collector"
     finally:
