@@ -848,8 +848,8 @@ async def _release_when_closed(gate: Gate, ticket: Ticket, transport: asyncio.Tr
 def _drop_frames(error: BaseException) -> None:
     """Forget where `error` (and what it came from) was raised, once it has been answered.
 
-    Its traceback holds the frames that raised it, whose locals hold the session
-    and often the error itself: a reference cycle, else.
+    Its traceback holds the frames that raised it, and their locals hold the
+    session and often the error itself: a reference cycle.
     """
     seen: set[int] = set()
     link: BaseException | None = error
