@@ -121,6 +121,9 @@ async def waiters(ctx: Context) -> dict[str, Any]:
     fd_limit = raise_fd_limit()
     results = []
     for target in ctx.targets:
+        if target.kind == "forwarder":
+            results.append({"target": target.name, "skipped": "a bare forwarder has no queue: nobody waits"})
+            continue
         if target.pid is None or target.name not in ctx.slots:
             results.append({"target": target.name,
                             "skipped": "its process and slots are unknown (--spawn, or --pid and --slots)"})

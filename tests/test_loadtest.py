@@ -216,7 +216,10 @@ async def test_relay_reads_the_whole_result_through_every_target(spawn: Any) -> 
         assert [run["bytes"] for run in r["runs"]] == [4 << 20] * 2
         assert r["mib_per_s_median"] > 0
     assert by_target(section)["forwarder"]["proxy_cpu_s_median"] is not None
-    assert "forwarder" not in ctx.slots, "the forwarder has no queue: waiters must skip it"
+    assert "forwarder" not in ctx.slots
+    waiting = by_target(await waiters(context(env, waiters=20)))
+    assert waiting["forwarder"]["skipped"] == "a bare forwarder has no queue: nobody waits"
+    assert waiting["slotproxy"]["waiting"] == 20
     assert table_row(render(section), "MiB/s")[0] == f"{section['results'][0]['mib_per_s_median']:,.1f}"
 
 
