@@ -225,7 +225,11 @@ class Proxy:
         return session
 
     def _session_done(self, session: Session) -> None:
-        session.finalize()
+        try:
+            session.finalize()
+        except Exception:
+            # A bug there must not keep the session counted: shutdown waits for the count.
+            session.log.exception("internal error while closing the session")
         self.sessions.discard(session)
         if session in self.over_limit:
             self.over_limit.discard(session)

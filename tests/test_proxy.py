@@ -468,3 +468,23 @@ async def test_a_finished_session_is_freed_without_the_garbage_collector(
         assert left == [], f"{len(left)} sessions or relays wait for the garbage collector"
     finally:
         gc.enable()
+
+
+async def test_an_error_while_closing_a_session_leaves_it_uncounted(
+        pg: Cluster, proxy_factory: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    proxy = await proxy_factory(pg, proxy={"max_clients": 1})
+
+    def broken(self: Session) -> None:
+        raise RuntimeError("broken cleanup")
+
+    monkeypatch.setattr(Session, "_cleanup", broken)
+    conn = await connect(proxy)
+    await conn.close()
+    await wait_until(lambda: not proxy.sessions, "the session to be let go")
+    assert "internal error while closing the session" in caplog.text
+    monkeypatch.undo()
+    conn = await connect(proxy)  # its max_clients place was given back
+    assert await conn.fetchval("select 1") == 1
+    await conn.close()
+    await asyncio.wait_for(proxy.shutdown(), 10)
