@@ -77,6 +77,9 @@ def pg(cluster_factory: Callable[..., Cluster]) -> Cluster:
 ProxyFactory = Callable[..., "asyncio.Future[Proxy]"]
 
 
+PROXY_CLOSE_TIMEOUT = 30.0
+
+
 @pytest.fixture
 async def proxy_factory() -> AsyncIterator[Callable[..., Any]]:
     started: list[Proxy] = []
@@ -94,8 +97,14 @@ async def proxy_factory() -> AsyncIterator[Callable[..., Any]]:
         return proxy
 
     yield make
+    stuck = []
     for proxy in started:
-        await proxy.abort()
+        try:
+            # Bounded: a proxy that cannot close (a leaked session) fails the test, not hangs it.
+            await asyncio.wait_for(proxy.abort(), PROXY_CLOSE_TIMEOUT)
+        except TimeoutError:
+            stuck.append(proxy)
+    assert not stuck, f"{len(stuck)} proxies did not close within {PROXY_CLOSE_TIMEOUT} s"
 
 
 async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
