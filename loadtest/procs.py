@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from .targets import UsageError
 
@@ -167,33 +167,18 @@ class Child:
                 await self.proc.wait()
 
 
-class SlotproxyProcess(Child):
-    name = "slotproxy"
+class _ListeningChild(Child):
+    """A Python process of ours that logs "listening on 127.0.0.1:PORT" once it serves."""
 
     def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
         super().__init__(proc, log)
         self.port = 0
 
     @classmethod
-    async def start(cls, workdir: Path, backend: tuple[str, int], *, slots: int, max_queue: int,
-                    queue_timeout: float, name: str = "slotproxy", wrap: Sequence[str] = (),
-                    ready_timeout: float = 20) -> SlotproxyProcess:
-        """`wrap` goes before the command (a profiler, such as valgrind)."""
-        log = workdir / f"{name}.log"
-        config = workdir / f"{name}.toml"
-        # Room for every client the queue may hold, as PgBouncer's max_client_conn gets.
-        # Plain text to the server, as the direct target's sslmode=disable and PgBouncer here:
-        # the default (prefer) would cost every connection an SSLRequest round trip. No line
-        # per connection, as PgBouncer's log_connections = 0 below.
-        config.write_text(f"[proxy]\nmax_clients = {max_queue + slots + 100}\nlog_connections = false\n"
-                          "[backend]\nsslmode = \"disable\"\n")
+    async def _launch(cls, argv: Sequence[str], log: Path, ready_timeout: float, name: str) -> Self:
         with _log_file(log) as out:
             proc = await asyncio.create_subprocess_exec(
-                *wrap, sys.executable, "-m", "slotproxy", "run", "--config", str(config),
-                "--listen", "127.0.0.1:0",
-                "--backend", f"{backend[0]}:{backend[1]}", "--max-backend-slots", str(slots),
-                "--max-queue", str(max_queue), "--queue-timeout", str(queue_timeout),
-                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         self = cls(proc, log)
         self.name = name
         try:
@@ -205,31 +190,40 @@ class SlotproxyProcess(Child):
         return self
 
 
-class ForwarderProcess(Child):
+class SlotproxyProcess(_ListeningChild):
+    name = "slotproxy"
+
+    @classmethod
+    async def start(cls, workdir: Path, backend: tuple[str, int], *, slots: int, max_queue: int,
+                    queue_timeout: float, name: str = "slotproxy", wrap: Sequence[str] = (),
+                    ready_timeout: float = 20) -> SlotproxyProcess:
+        """`wrap` goes before the command (a profiler, such as valgrind)."""
+        config = workdir / f"{name}.toml"
+        # Room for every client the queue may hold, as PgBouncer's max_client_conn gets.
+        # Plain text to the server, as the direct target's sslmode=disable and PgBouncer here:
+        # the default (prefer) would cost every connection an SSLRequest round trip. No line
+        # per connection, as PgBouncer's log_connections = 0 below.
+        config.write_text(f"[proxy]\nmax_clients = {max_queue + slots + 100}\nlog_connections = false\n"
+                          "[backend]\nsslmode = \"disable\"\n")
+        return await cls._launch(
+            [*wrap, sys.executable, "-m", "slotproxy", "run", "--config", str(config),
+             "--listen", "127.0.0.1:0",
+             "--backend", f"{backend[0]}:{backend[1]}", "--max-backend-slots", str(slots),
+             "--max-queue", str(max_queue), "--queue-timeout", str(queue_timeout)],
+            workdir / f"{name}.log", ready_timeout, name)
+
+
+class ForwarderProcess(_ListeningChild):
     """loadtest.forwarder: a bare uvloop forwarder, the floor of any Python relay."""
 
     name = "forwarder"
 
-    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
-        super().__init__(proc, log)
-        self.port = 0
-
     @classmethod
     async def start(cls, workdir: Path, backend: tuple[str, int], *, wrap: Sequence[str] = (),
                     ready_timeout: float = 20) -> ForwarderProcess:
-        log = workdir / "forwarder.log"
-        with _log_file(log) as out:
-            proc = await asyncio.create_subprocess_exec(
-                *wrap, sys.executable, "-m", "loadtest.forwarder", "--backend", f"{backend[0]}:{backend[1]}",
-                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-        self = cls(proc, log)
-        try:
-            m = await self._await_log(r"listening on 127\.0\.0\.1:(\d+)", ready_timeout)
-        except BaseException:
-            await self.stop()
-            raise
-        self.port = int(m.group(1))
-        return self
+        return await cls._launch(
+            [*wrap, sys.executable, "-m", "loadtest.forwarder", "--backend", f"{backend[0]}:{backend[1]}"],
+            workdir / "forwarder.log", ready_timeout, cls.name)
 
 
 def server_account() -> pwd.struct_passwd | None:
