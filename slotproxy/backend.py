@@ -187,7 +187,7 @@ async def connect(address: Address, first_bytes: bytes, timeout: float, task: as
     if address.socket_path is not None:
         tls = None  # as libpq: no TLS on a Unix-domain socket (config refuses sslmode=require there)
     try:
-        async with deadline(loop, task, loop.time() + timeout):
+        with deadline(loop, task, loop.time() + timeout):
             transport, protocol = await open_connection(
                 loop, lambda: _FirstAnswer(result, retry), address)
             if on_connected is not None:

@@ -146,8 +146,8 @@ class Session:
 
     __slots__ = (  # one per client; with Handshake's, 1.4 KiB less per waiting client than dicts
         "__weakref__", "_abort_error", "_backend_transport", "_client_gone", "_connecting", "_endpoint",
-        "_first", "backend_address", "backend_key", "bypass", "client_addr", "client_port", "cls",
-        "connected_at", "handshake", "id", "log", "loop", "over_limit", "packet", "passthrough", "phase",
+        "_first", "_log", "backend_address", "backend_key", "bypass", "client_addr", "client_port", "cls",
+        "connected_at", "handshake", "id", "loop", "over_limit", "packet", "passthrough", "phase",
         "proxy", "reason", "reclaiming", "relay", "routes", "startup", "task", "ticket", "tls", "tracker",
         "transport", "upstream")
 
@@ -183,7 +183,7 @@ class Session:
         self.tracker: wire.SessionTracker | None = None
         self.reason: Reason | None = None
         self.task: asyncio.Task[None] | None = None
-        self.log = _Prefixed(logger, self)
+        self._log: _Prefixed | None = None
         self._first: asyncio.Future[Any] = loop.create_future()
         self._abort_error: ClientError | None = None
         self._client_gone = False
@@ -206,6 +206,14 @@ class Session:
         addr = f"[{self.client_addr}]" if ":" in self.client_addr else self.client_addr
         who = f" {self.user}@{self.database}" if self.startup else ""
         return f"C-{self.id}{who} {addr}:{self.client_port}"
+
+    @property
+    def log(self) -> _Prefixed:
+        """The logger that prefixes each line with this connection; made at first use,
+        since most sessions log nothing."""
+        if self._log is None:
+            self._log = _Prefixed(logger, self)
+        return self._log
 
     @property
     def tls_possible(self) -> bool:
@@ -294,13 +302,13 @@ class Session:
             # Told as the answer to its first packet: a close before it reads could reset
             # the connection and take the ErrorResponse with it.
             try:
-                async with deadline(loop, self.task, loop.time() + min(2.0, config.proxy.startup_timeout)):
+                with deadline(loop, self.task, loop.time() + min(2.0, config.proxy.startup_timeout)):
                     await self._first
             except (TimeoutError, ClientError) as e:
                 _drop_frames(e)
             raise self.over_limit
         try:
-            async with deadline(loop, self.task, loop.time() + config.proxy.startup_timeout):
+            with deadline(loop, self.task, loop.time() + config.proxy.startup_timeout):
                 event = await self._negotiate()
         except TimeoutError:
             if self.handshake.reader.pending:
@@ -502,7 +510,7 @@ class Session:
         failure: backend.ConnectFailed | None = None
         attempts = 0
         try:
-            async with deadline(loop, self.task, until):  # type: ignore[arg-type]
+            with deadline(loop, self.task, until):  # type: ignore[arg-type]
                 while True:
                     self.phase = Phase.QUEUED
                     if self.routes is not self.proxy.router and self.ticket.state is not State.HOLDING:
@@ -616,7 +624,7 @@ class Session:
         level = logging.INFO
         if admitted and not self.proxy.config.proxy.log_connections:
             level = logging.DEBUG
-        if self.log.isEnabledFor(level):
+        if logger.isEnabledFor(level):
             retries = f", {attempts} server refusals" if attempts else ""
             self.log.log(level, "%s after %.3f s%s (application_name=%r)",
                          outcome, waited, retries, self.application_name)
@@ -656,7 +664,10 @@ class Session:
             self.upstream.gate.release(self.ticket)  # type: ignore[union-attr]
         if self.reason is None:
             self.reason = Reason.SESSION_ENDED
-        self.log.debug("session ended after %.3f s", self.loop.time() - started)
+        if logger.isEnabledFor(logging.DEBUG):
+            self.log.debug("session ended after %.3f s", self.loop.time() - started)
+        if relay.client_closed.done():  # the usual end: the client left first
+            return
         # A client that takes nothing more is not waited for long.
         flush_limit = self.loop.call_later(CLIENT_FLUSH_TIMEOUT, self.transport.abort)
         try:

@@ -5,7 +5,8 @@ task is cancelled, and the CancelledError becomes TimeoutError on the way out
 unless someone else cancelled the task too. Taking the loop and task from the
 caller saves the lookups asyncio.timeout makes on entry and exit; on Python
 3.11 each of those is a getpid() system call, and a session enters several of
-these per connection.
+these per connection. A plain `with`: entering and leaving need no await, and
+`async with` would make two coroutines each time.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class deadline:  # lower case: used like asyncio.timeout_at
         self._expired = False
         self._cancelling = 0
 
-    async def __aenter__(self) -> deadline:
+    def __enter__(self) -> deadline:
         self._cancelling = self._task.cancelling()
         if self._when <= self._loop.time():
             self._handle = self._loop.call_soon(self._on_timeout)
@@ -33,7 +34,7 @@ class deadline:  # lower case: used like asyncio.timeout_at
             self._handle = self._loop.call_at(self._when, self._on_timeout)
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         if self._handle is not None:
             self._handle.cancel()
