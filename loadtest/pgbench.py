@@ -3,7 +3,9 @@
 For each protocol (-M) and with or without a new connection per transaction
 (-C). A target's ratio is the median of its per-round ratios to the first
 target in the same round. Where the target's process is known, its CPU time
-per transaction is measured from /proc.
+per transaction is measured from /proc. So is the whole machine's (every
+process: pgbench, the server, the proxy), which tells how far a proxy's own
+CPU can move the ratio on a machine whose cores are all busy.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from . import stats
 from .context import Context
-from .procs import cpu_seconds
+from .procs import cpu_seconds, machine_cpu_seconds
 from .report import Row, fmt_num, fmt_ratio, grid
 from .spawn import pgbench_path
 from .targets import Target
@@ -38,6 +40,7 @@ async def one_run(ctx: Context, target: Target, protocol: str, reconnect: bool) 
     argv = [pgbench_path(), "-n", "-S", "-c", str(k.pgbench_clients), "-j", str(k.pgbench_jobs),
             "-T", str(k.pgbench_seconds), "-M", protocol, *(["-C"] if reconnect else []), target.dsn]
     cpu0 = cpu_seconds(target.pid) if target.pid else None
+    machine0 = machine_cpu_seconds()
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -50,6 +53,7 @@ async def one_run(ctx: Context, target: Target, protocol: str, reconnect: bool) 
             await proc.wait()
     wall = time.perf_counter() - started
     cpu1 = cpu_seconds(target.pid) if target.pid else None
+    machine1 = machine_cpu_seconds()
     text = out.decode(errors="replace")
     run: dict[str, Any] = {"exit": proc.returncode, "wall_s": round(wall, 3)}
     for key, pattern in FIGURES.items():
@@ -57,6 +61,10 @@ async def one_run(ctx: Context, target: Target, protocol: str, reconnect: bool) 
         run[key] = (float(m.group(1)) if "." in m.group(1) else int(m.group(1))) if m else None
     if cpu0 is not None and cpu1 is not None and run["transactions"]:
         run["proxy_cpu_us_per_tx"] = (cpu1 - cpu0) * 1e6 / run["transactions"]
+    if machine0 is not None and machine1 is not None and run["transactions"]:
+        user, kernel = machine1[0] - machine0[0], machine1[1] - machine0[1]
+        run["machine_cpu_us_per_tx"] = (user + kernel) * 1e6 / run["transactions"]
+        run["machine_kernel_share"] = kernel / (user + kernel) if user + kernel else None
     if proc.returncode != 0 or run["tps"] is None:
         run["error"] = (err.decode(errors="replace").strip() or text.strip())[-600:]
     return run
@@ -115,10 +123,14 @@ def _summarize(by_target: dict[str, list[dict[str, Any]]], names: list[str]) -> 
         runs = by_target[name]
         per_round = [stats.ratio(tps(name, i), tps(names[0], i)) for i in range(rounds)]
         cpu = [r["proxy_cpu_us_per_tx"] for r in runs if r.get("proxy_cpu_us_per_tx") is not None]
+        machine = [r["machine_cpu_us_per_tx"] for r in runs if r.get("machine_cpu_us_per_tx") is not None]
+        kernel = [r["machine_kernel_share"] for r in runs if r.get("machine_kernel_share") is not None]
         out[name] = {
             "tps_median": stats.median([r["tps"] for r in runs if r.get("tps") is not None]),
             "latency_ms_median": stats.median([r["latency_ms"] for r in runs if r.get("latency_ms")]),
             "proxy_cpu_us_per_tx_median": stats.median(cpu),
+            "machine_cpu_us_per_tx_median": stats.median(machine),
+            "machine_kernel_share_median": stats.median(kernel),
             "failed": sum(r.get("failed") or 0 for r in runs),
             "errors": [r["error"] for r in runs if "error" in r],
             "ratio_to_first": stats.median([x for x in per_round if x is not None]),
@@ -148,6 +160,14 @@ def table(section: dict[str, Any]) -> str:
             rows.append((f"proxy CPU us/tx {variant}",
                          [fmt_num(res[n]["proxy_cpu_us_per_tx_median"]) for n in names],
                          ["" for _ in names]))
+    for variant, res in section["variants"].items():
+        if any(res[n]["machine_cpu_us_per_tx_median"] is not None for n in names):
+            machine = [res[n]["machine_cpu_us_per_tx_median"] for n in names]
+            rows.append((f"machine CPU us/tx {variant}", [fmt_num(m) for m in machine],
+                         [fmt_ratio(stats.ratio(m, machine[0])) for m in machine]))
+            rows.append((f"  of it in the kernel {variant}",
+                         [_share(res[n]["machine_kernel_share_median"]) for n in names],
+                         ["" for _ in names]))
     failed = [sum(res[n]["failed"] + len(res[n]["errors"]) for res in section["variants"].values())
               for n in names]
     rows.append(("failed transactions + runs", [str(f) for f in failed], ["" for _ in names]))
@@ -157,3 +177,7 @@ def table(section: dict[str, Any]) -> str:
     if errors:
         text += "\nRuns that failed:\n" + "\n".join(f"  {w}: {e.splitlines()[-1]}" for w, e in errors.items())
     return text
+
+
+def _share(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"

@@ -60,6 +60,18 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """CPU time every core of the machine has spent busy so far, from /proc/stat:
+    (user, kernel), kernel counting interrupts. None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice) / CLK_TCK, (system + irq + softirq) / CLK_TCK
+
+
 def rss_bytes(pid: int) -> int | None:
     """Resident memory of a process, from /proc/PID/status (VmRSS)."""
     try:

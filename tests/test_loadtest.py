@@ -205,6 +205,13 @@ async def test_pgbench_interleaved_rounds_with_and_without_a_connection_per_tran
         assert res["slotproxy"]["proxy_cpu_us_per_tx_median"] is not None
         assert res["direct"]["proxy_cpu_us_per_tx_median"] is None  # no process of its own
         assert table_row(table, f"tps {variant}")[0] == f"{res['direct']['tps_median']:,.0f}"
+        # The whole machine's CPU: pgbench and the server, and the proxy's own within it.
+        machine = res["slotproxy"]["machine_cpu_us_per_tx_median"]
+        assert machine >= res["slotproxy"]["proxy_cpu_us_per_tx_median"] > 0
+        assert res["direct"]["machine_cpu_us_per_tx_median"] > 0
+        assert 0 < res["direct"]["machine_kernel_share_median"] < 1
+        assert table_row(table, f"machine CPU us/tx {variant}")[:2] == [
+            f"{res['direct']['machine_cpu_us_per_tx_median']:,.1f}", f"{machine:,.1f}"]
 
 
 async def test_relay_reads_the_whole_result_through_every_target(spawn: Any) -> None:
