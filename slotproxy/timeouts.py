@@ -35,7 +35,7 @@ class deadline:  # lower case: used like asyncio.timeout_at
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+                 tb: TracebackType | None) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
