@@ -3,9 +3,9 @@
 For each protocol (-M) and with or without a new connection per transaction
 (-C). A target's ratio is the median of its per-round ratios to the first
 target in the same round. Where the target's process is known, its CPU time
-per transaction is measured from /proc. So is the whole machine's (every
-process: pgbench, the server, the proxy), which tells how far a proxy's own
-CPU can move the ratio on a machine whose cores are all busy.
+per transaction is measured from /proc. So is the whole machine's (everything
+that ran meanwhile: pgbench, the server, the proxy, and whatever else), which
+tells how far a proxy can move the ratio on a machine whose cores are all busy.
 """
 
 from __future__ import annotations
@@ -117,19 +117,24 @@ def _summarize(by_target: dict[str, list[dict[str, Any]]], names: list[str]) -> 
     def tps(name: str, i: int) -> float | None:
         return by_target[name][i].get("tps")
 
+    def machine(name: str, i: int) -> float | None:
+        return by_target[name][i].get("machine_cpu_us_per_tx")
+
     rounds = len(by_target[names[0]])
     out: dict[str, Any] = {}
     for name in names:
         runs = by_target[name]
         per_round = [stats.ratio(tps(name, i), tps(names[0], i)) for i in range(rounds)]
         cpu = [r["proxy_cpu_us_per_tx"] for r in runs if r.get("proxy_cpu_us_per_tx") is not None]
-        machine = [r["machine_cpu_us_per_tx"] for r in runs if r.get("machine_cpu_us_per_tx") is not None]
+        machine_rounds = [stats.ratio(machine(name, i), machine(names[0], i)) for i in range(rounds)]
         kernel = [r["machine_kernel_share"] for r in runs if r.get("machine_kernel_share") is not None]
         out[name] = {
             "tps_median": stats.median([r["tps"] for r in runs if r.get("tps") is not None]),
             "latency_ms_median": stats.median([r["latency_ms"] for r in runs if r.get("latency_ms")]),
             "proxy_cpu_us_per_tx_median": stats.median(cpu),
-            "machine_cpu_us_per_tx_median": stats.median(machine),
+            "machine_cpu_us_per_tx_median": stats.median(
+                [r["machine_cpu_us_per_tx"] for r in runs if r.get("machine_cpu_us_per_tx") is not None]),
+            "machine_ratio_to_first": stats.median([x for x in machine_rounds if x is not None]),
             "machine_kernel_share_median": stats.median(kernel),
             "failed": sum(r.get("failed") or 0 for r in runs),
             "errors": [r["error"] for r in runs if "error" in r],
@@ -162,9 +167,9 @@ def table(section: dict[str, Any]) -> str:
                          ["" for _ in names]))
     for variant, res in section["variants"].items():
         if any(res[n]["machine_cpu_us_per_tx_median"] is not None for n in names):
-            machine = [res[n]["machine_cpu_us_per_tx_median"] for n in names]
-            rows.append((f"machine CPU us/tx {variant}", [fmt_num(m) for m in machine],
-                         [fmt_ratio(stats.ratio(m, machine[0])) for m in machine]))
+            rows.append((f"machine CPU us/tx {variant}",
+                         [fmt_num(res[n]["machine_cpu_us_per_tx_median"]) for n in names],
+                         [fmt_ratio(res[n]["machine_ratio_to_first"]) for n in names]))
             rows.append((f"  of it in the kernel {variant}",
                          [_share(res[n]["machine_kernel_share_median"]) for n in names],
                          ["" for _ in names]))

@@ -65,10 +65,9 @@ def machine_cpu_seconds() -> tuple[float, float] | None:
     (user, kernel), kernel counting interrupts. None where there is no /proc/stat."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:8]]
+            user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in f.readline().split()[1:8])
     except (OSError, ValueError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields
     return (user + nice) / CLK_TCK, (system + irq + softirq) / CLK_TCK
 
 
