@@ -114,39 +114,35 @@ async def run(ctx: Context) -> dict[str, Any]:
 
 
 def _summarize(by_target: dict[str, list[dict[str, Any]]], names: list[str]) -> dict[str, Any]:
-    def tps(name: str, i: int) -> float | None:
-        return by_target[name][i].get("tps")
+    def ratio(key: str, x: str, y: str) -> float | None:
+        """The median over the rounds of target x's figure `key` over target y's in the same round."""
+        ratios = [stats.ratio(by_target[x][i].get(key), by_target[y][i].get(key)) for i in range(rounds)]
+        return stats.median([r for r in ratios if r is not None])
 
-    def machine(name: str, i: int) -> float | None:
-        return by_target[name][i].get("machine_cpu_us_per_tx")
+    def median(runs: list[dict[str, Any]], key: str) -> float | None:
+        return stats.median([r[key] for r in runs if r.get(key) is not None])
 
     rounds = len(by_target[names[0]])
     out: dict[str, Any] = {}
     for name in names:
         runs = by_target[name]
-        per_round = [stats.ratio(tps(name, i), tps(names[0], i)) for i in range(rounds)]
-        cpu = [r["proxy_cpu_us_per_tx"] for r in runs if r.get("proxy_cpu_us_per_tx") is not None]
-        machine_rounds = [stats.ratio(machine(name, i), machine(names[0], i)) for i in range(rounds)]
-        kernel = [r["machine_kernel_share"] for r in runs if r.get("machine_kernel_share") is not None]
         out[name] = {
-            "tps_median": stats.median([r["tps"] for r in runs if r.get("tps") is not None]),
+            "tps_median": median(runs, "tps"),
             "latency_ms_median": stats.median([r["latency_ms"] for r in runs if r.get("latency_ms")]),
-            "proxy_cpu_us_per_tx_median": stats.median(cpu),
-            "machine_cpu_us_per_tx_median": stats.median(
-                [r["machine_cpu_us_per_tx"] for r in runs if r.get("machine_cpu_us_per_tx") is not None]),
-            "machine_ratio_to_first": stats.median([x for x in machine_rounds if x is not None]),
-            "machine_kernel_share_median": stats.median(kernel),
+            "proxy_cpu_us_per_tx_median": median(runs, "proxy_cpu_us_per_tx"),
+            "machine_cpu_us_per_tx_median": median(runs, "machine_cpu_us_per_tx"),
+            "machine_ratio_to_first": ratio("machine_cpu_us_per_tx", name, names[0]),
+            "machine_kernel_share_median": median(runs, "machine_kernel_share"),
             "failed": sum(r.get("failed") or 0 for r in runs),
             "errors": [r["error"] for r in runs if "error" in r],
-            "ratio_to_first": stats.median([x for x in per_round if x is not None]),
+            "ratio_to_first": ratio("tps", name, names[0]),
             "runs": runs,
         }
     # Every pair, so that any comparison (slotproxy / pgbouncer) is at hand, each from its own rounds.
     pairs = {}
     for a, b in combinations(names, 2):
         for x, y in ((a, b), (b, a)):
-            ratios = [stats.ratio(tps(x, i), tps(y, i)) for i in range(rounds)]
-            pairs[f"{x}/{y}"] = stats.median([r for r in ratios if r is not None])
+            pairs[f"{x}/{y}"] = ratio("tps", x, y)
     out["_pairs"] = pairs
     return out
 
