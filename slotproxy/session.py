@@ -536,7 +536,7 @@ class Session:
                     try:
                         await gate.wait(self.ticket)
                     except Rerouted as e:
-                        e.__traceback__ = None  # its waker future keeps it: no cycle through our frames
+                        _drop_frames(e)  # its waker future keeps it: no cycle through our frames
                         continue
                     self.phase = Phase.CONNECTING
                     sent = len(self.handshake.early)
@@ -548,7 +548,7 @@ class Session:
                             passthrough=self.passthrough)
                     except backend.ConnectFailed as e:
                         failure = e
-                        e.__traceback__ = None  # kept for the message; its frames would hold this session
+                        _drop_frames(e)  # kept for the message; its frames would hold this session
                         attempts += 1
                         self.proxy.stats.retries[str(upstream.address), e.sqlstate or "connect"] += 1
                         self.log.debug("attempt %d: %s; waiting to retry", attempts, e.what)
