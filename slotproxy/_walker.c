@@ -10,6 +10,10 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #define MAX_STARTUP_BODY (64 * 1024)
 
@@ -435,6 +439,354 @@ static PyType_Spec Pump_spec = {
     .slots = Pump_slots,
 };
 
+/* -- Conduit: one end of a session relayed on its sockets themselves (relay.SocketRelay).
+ *
+ * The event loop calls `readable` when its socket has data: it reads a chunk,
+ * counts it, shows it to the observer and sends it to the peer end's socket.
+ * Only what the peer's socket does not take at once is buffered, in `pending`;
+ * the owner (the SocketRelay) then stops reading the other side until `writable`
+ * has sent it. Every rare turn (end of stream, an error, a full or drained
+ * buffer, an observer that failed) is a call of one of the owner's methods. */
+
+#define CHUNK (256 * 1024) /* read at most this much per wakeup, as uvloop's transports */
+static char chunk[CHUNK];  /* one for all: a chunk is sent on before the next read */
+static PyObject *str_lost, *str_blocked, *str_drained, *str_fault, *str_rearm;
+
+typedef struct Conduit {
+    PyObject_HEAD
+    int fd;              /* -1 once closed */
+    struct Conduit *peer; /* where what is read goes; NULL: read and dropped */
+    PyObject *owner;
+    PyObject *observer;  /* a callable, or None */
+    char *pending;       /* bytes the socket did not take yet: pending[sent:size] */
+    Py_ssize_t sent, size, capacity;
+    long long count;     /* bytes read and sent on */
+    char reading, writing; /* registered with the loop: kept by the owner */
+} Conduit;
+
+static int
+Conduit_init(Conduit *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "owner", "observer", NULL};
+    int fd;
+    PyObject *owner, *observer = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO|O:Conduit", kwlist, &fd, &owner, &observer))
+        return -1;
+    self->fd = fd;
+    Py_INCREF(owner);
+    Py_XSETREF(self->owner, owner);
+    Py_INCREF(observer);
+    Py_XSETREF(self->observer, observer);
+    return 0;
+}
+
+static int
+Conduit_traverse(Conduit *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->peer);
+    Py_VISIT(self->owner);
+    Py_VISIT(self->observer);
+    return 0;
+}
+
+static int
+Conduit_clear(Conduit *self)
+{
+    Py_CLEAR(self->peer);
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->observer);
+    return 0;
+}
+
+static void
+drop_pending(Conduit *self)
+{
+    PyMem_Free(self->pending);
+    self->pending = NULL;
+    self->sent = self->size = self->capacity = 0;
+}
+
+static void
+Conduit_dealloc(Conduit *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Conduit_clear(self);
+    drop_pending(self);
+    if (self->fd >= 0)
+        close(self->fd);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+/* owner.<name>(self[, arg]); its result is dropped, NULL on an exception. */
+static PyObject *
+tell(Conduit *self, PyObject *name, PyObject *arg)
+{
+    PyObject *owner = self->owner;
+    if (owner == NULL)
+        Py_RETURN_NONE; /* detached: nobody to tell */
+    Py_INCREF(owner);
+    PyObject *r = PyObject_CallMethodObjArgs(owner, name, (PyObject *)self, arg, NULL);
+    Py_DECREF(owner);
+    return r;
+}
+
+static PyObject *
+tell_errno(Conduit *self, int error)
+{
+    PyObject *code = PyLong_FromLong(error);
+    if (code == NULL)
+        return NULL;
+    PyObject *r = tell(self, str_lost, code);
+    Py_DECREF(code);
+    return r;
+}
+
+static int
+keep(Conduit *self, const char *data, Py_ssize_t n)
+{
+    if (self->size + n > self->capacity) {
+        Py_ssize_t capacity = self->size + n;
+        if (capacity < 2 * self->capacity)
+            capacity = 2 * self->capacity; /* appends while blocked: our own messages, rare */
+        char *grown = PyMem_Realloc(self->pending, capacity);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->pending = grown;
+        self->capacity = capacity;
+    }
+    memcpy(self->pending + self->size, data, n);
+    self->size += n;
+    return 0;
+}
+
+/* Sends on this end's socket, or keeps what it does not take. New reference to the
+ * owner's answer (None when nothing needed telling), NULL on an exception. */
+static PyObject *
+put(Conduit *self, const char *data, Py_ssize_t n)
+{
+    if (self->fd < 0)
+        Py_RETURN_NONE; /* closed: as a transport's write after close */
+    if (self->size > self->sent)
+        return keep(self, data, n) < 0 ? NULL : (Py_INCREF(Py_None), Py_None);
+    while (n > 0) {
+        ssize_t w = send(self->fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w >= 0) {
+            data += w;
+            n -= w;
+        } else if (errno == EINTR) {
+            continue;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            self->sent = self->size = 0;
+            if (keep(self, data, n) < 0)
+                return NULL;
+            return tell(self, str_blocked, NULL);
+        } else {
+            return tell_errno(self, errno);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* One chunk: count it, show it to the observer, send it on. */
+static PyObject *
+pass_on(Conduit *self, Py_ssize_t n)
+{
+    Conduit *peer = self->peer;
+    self->count += n;
+    if (self->observer != NULL && self->observer != Py_None) {
+        PyObject *data = PyBytes_FromStringAndSize(chunk, n);
+        if (data == NULL)
+            return NULL;
+        int rc = call_with(self->observer, data);
+        Py_DECREF(data);
+        if (rc < 0) {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (tb != NULL)
+                PyException_SetTraceback(value, tb);
+            PyObject *r = tell(self, str_fault, value);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            return r;
+        }
+        peer = self->peer; /* the observer may have ended the session */
+        if (peer == NULL)
+            Py_RETURN_NONE;
+    }
+    Py_INCREF(peer);
+    PyObject *r = put(peer, chunk, n);
+    Py_DECREF(peer);
+    return r;
+}
+
+/* Reads until the socket has nothing more (EAGAIN), ends, fails, or the peer's socket
+ * is full. Why not one read per wakeup: when data and a reset arrive together, uvloop
+ * calls the reader once for the error and then drops the registration (libuv's POLLERR
+ * path), so whatever this call leaves unread would never be read, nor the end seen.
+ * After MAX_READS chunks the owner registers the socket afresh and the loop goes on.
+ * `reading` is the owner's: it stops the loop when the owner stops reading this side. */
+#define MAX_READS 16
+
+static PyObject *
+Conduit_readable(Conduit *self, PyObject *Py_UNUSED(ignored))
+{
+    for (int reads = 0; self->fd >= 0 && self->reading; reads++) {
+        if (reads == MAX_READS)
+            return tell(self, str_rearm, NULL);
+        ssize_t n = recv(self->fd, chunk, CHUNK, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            return tell_errno(self, errno);
+        }
+        if (n == 0)
+            return tell_errno(self, 0);
+        if (self->peer == NULL)
+            continue; /* the other side is gone: read only to see this one close */
+        PyObject *r = pass_on(self, n);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+        if (self->peer != NULL && self->peer->size > self->peer->sent)
+            break; /* the peer's socket is full: reading waits for it */
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Conduit_writable(Conduit *self, PyObject *Py_UNUSED(ignored))
+{
+    while (self->fd >= 0 && self->sent < self->size) {
+        ssize_t w = send(self->fd, self->pending + self->sent, self->size - self->sent,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w >= 0)
+            self->sent += w;
+        else if (errno == EAGAIN || errno == EWOULDBLOCK)
+            Py_RETURN_NONE;
+        else if (errno != EINTR)
+            return tell_errno(self, errno);
+    }
+    drop_pending(self);
+    return tell(self, str_drained, NULL);
+}
+
+static PyObject *
+Conduit_send(Conduit *self, PyObject *data)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *r = put(self, view.buf, view.len);
+    PyBuffer_Release(&view);
+    return r;
+}
+
+static PyObject *
+Conduit_link(Conduit *self, PyObject *peer)
+{
+    if (peer != Py_None && !PyObject_TypeCheck(peer, Py_TYPE(self))) {
+        PyErr_SetString(PyExc_TypeError, "a Conduit or None");
+        return NULL;
+    }
+    Py_XSETREF(self->peer, peer == Py_None ? NULL : (Py_INCREF(peer), (Conduit *)peer));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Conduit_drop(Conduit *self, PyObject *Py_UNUSED(ignored))
+{
+    drop_pending(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Conduit_shutdown(Conduit *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->fd >= 0)
+        shutdown(self->fd, SHUT_WR); /* an error means it is closed already: reading tells */
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Conduit_close(Conduit *self, PyObject *Py_UNUSED(ignored))
+{
+    drop_pending(self);
+    if (self->fd >= 0) {
+        close(self->fd);
+        self->fd = -1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Conduit_detach(Conduit *self, PyObject *Py_UNUSED(ignored))
+{
+    Conduit_clear(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Conduit_get_buffered(Conduit *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->size - self->sent);
+}
+
+static PyMethodDef Conduit_methods[] = {
+    {"readable", (PyCFunction)Conduit_readable, METH_NOARGS,
+     "Read a chunk, count it, show it to the observer, send it to the peer end."},
+    {"writable", (PyCFunction)Conduit_writable, METH_NOARGS, "Send what is buffered."},
+    {"send", (PyCFunction)Conduit_send, METH_O, "Send bytes of our own on this end."},
+    {"link", (PyCFunction)Conduit_link, METH_O, "Where what is read goes (None: dropped)."},
+    {"drop", (PyCFunction)Conduit_drop, METH_NOARGS, "Forget what is buffered."},
+    {"shutdown", (PyCFunction)Conduit_shutdown, METH_NOARGS, "End the stream this way (EOF)."},
+    {"close", (PyCFunction)Conduit_close, METH_NOARGS, "Close the socket now."},
+    {"detach", (PyCFunction)Conduit_detach, METH_NOARGS, "Drop the links to the owner, peer, observer."},
+    {NULL},
+};
+
+static PyMemberDef Conduit_members[] = {
+    {"fd", T_INT, offsetof(Conduit, fd), READONLY, "the socket, -1 once closed"},
+    {"count", T_LONGLONG, offsetof(Conduit, count), READONLY, "bytes read and sent on"},
+    {"observer", T_OBJECT, offsetof(Conduit, observer), 0, "sees each chunk before it is sent on, or None"},
+    {"reading", T_BOOL, offsetof(Conduit, reading), 0, "registered for reading (the owner's note)"},
+    {"writing", T_BOOL, offsetof(Conduit, writing), 0, "registered for writing (the owner's note)"},
+    {NULL},
+};
+
+static PyGetSetDef Conduit_getset[] = {
+    {"buffered", (getter)Conduit_get_buffered, NULL, "bytes the socket has not taken yet", NULL},
+    {NULL},
+};
+
+static PyType_Slot Conduit_slots[] = {
+    {Py_tp_doc, "One socket of a relayed session (see relay.SocketRelay)."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, Conduit_init},
+    {Py_tp_dealloc, Conduit_dealloc},
+    {Py_tp_traverse, Conduit_traverse},
+    {Py_tp_clear, Conduit_clear},
+    {Py_tp_methods, Conduit_methods},
+    {Py_tp_members, Conduit_members},
+    {Py_tp_getset, Conduit_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Conduit_spec = {
+    .name = "slotproxy._walker.Conduit",
+    .basicsize = sizeof(Conduit),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = Conduit_slots,
+};
+
 static int
 add_type(PyObject *module, PyType_Spec *spec, const char *name)
 {
@@ -456,9 +808,16 @@ walker_exec(PyObject *module)
         client_kind[(unsigned char)*c] = BATCH;
     client_kind['S'] = SYNC;
     client_kind['X'] = TERMINATE;
-    if (add_type(module, &Walker_spec, "Walker") < 0)
+    str_lost = PyUnicode_InternFromString("_lost");
+    str_blocked = PyUnicode_InternFromString("_blocked");
+    str_drained = PyUnicode_InternFromString("_drained");
+    str_fault = PyUnicode_InternFromString("_fault");
+    str_rearm = PyUnicode_InternFromString("_rearm");
+    if (!str_lost || !str_blocked || !str_drained || !str_fault || !str_rearm)
         return -1;
-    return add_type(module, &Pump_spec, "Pump");
+    if (add_type(module, &Walker_spec, "Walker") < 0 || add_type(module, &Pump_spec, "Pump") < 0)
+        return -1;
+    return add_type(module, &Conduit_spec, "Conduit");
 }
 
 static PyModuleDef_Slot walker_module_slots[] = {

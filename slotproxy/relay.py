@@ -1,21 +1,26 @@
-"""The byte pump: two asyncio.Protocol halves that write what they read to each other.
+"""The byte pump: what a session's client and server connections read goes to the other.
 
-Knows nothing of PostgreSQL. Flow control is coupled across the pair: when
-one transport's write buffer passes its high-water mark, reading stops on
-the other until it drains. Optional observers see each chunk each way, for
-the session to follow what it needs.
+Two implementations of one contract (see Relay): `SocketRelay` works on the two
+sockets themselves, for sessions without TLS on either side; `Relay` on two
+asyncio transports, for the rest. `open_relay` picks. Knows nothing of PostgreSQL.
 
-Closing: the server closing makes the client transport close once its
-buffer is flushed, so a server FATAL reaches the client first. The client's
-EOF means it is gone (PostgreSQL drivers close both ways; after a FIN only a
-write would tell a half-close apart, and a vanished client's query would then
-hold its slot to the end). The server side is then half-closed and read (and
-dropped) until the server closes: only then is its slot free again.
+Flow control is coupled across the pair: when one side's writes back up (past a
+transport's high-water mark, or at all on a socket), reading stops on the other
+until they are sent. Optional observers see each chunk each way, for the
+session to follow what it needs.
+
+Closing: the server closing makes the client's side close once what it is owed
+is sent, so a server FATAL reaches the client first. The client's EOF means it
+is gone (PostgreSQL drivers close both ways; after a FIN only a write would tell
+a half-close apart, and a vanished client's query would then hold its slot to
+the end). The server side is then half-closed and read (and dropped) until the
+server closes: only then is its slot free again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -46,10 +51,12 @@ class PyPump:
 
 
 try:
+    from ._walker import Conduit
     from ._walker import Pump as CompiledPump
 except ImportError:  # installed without a C compiler
-    CompiledPump = None
-DEFAULT_PUMP: type = CompiledPump or PyPump  # what relays use
+    CompiledPump = Conduit = None
+DEFAULT_PUMP: type = CompiledPump or PyPump  # what transport relays use
+SOCKETS = Conduit is not None  # whether open_relay may take the sockets over
 
 
 def _halves(pump: type) -> tuple[type, type]:
@@ -170,9 +177,17 @@ class Relay:
         if not self._server_left and not self._client_left:
             self.server.write(data)
 
+    def start(self) -> None:
+        """Read both sides from now on (the server's was paused until what came first was sent)."""
+        self.server.resume_reading()
+
     def close_client(self) -> None:
         """Close the client's side (after what is buffered); the server's follows as usual."""
         self.client.close()
+
+    def abort_client(self) -> None:
+        """Close the client's side now, dropping what it has not taken."""
+        self.client.abort()
 
     def close(self) -> None:
         """Close both sides now (shutdown timeout)."""
@@ -221,3 +236,209 @@ class Relay:
     def _client_closed(self) -> None:
         if not self.client_closed.done():
             self.client_closed.set_result(None)
+
+
+class SocketRelay:
+    """The Relay contract on the two sockets themselves (both plain: no TLS).
+
+    The loop calls a C `Conduit` when its socket is readable; it reads a chunk,
+    shows it to the observer and sends it to the other socket. Compared with two
+    transports, no protocol call or write queue sits in between, and uvloop
+    takes the GIL once per chunk instead of twice: a third fewer instructions per
+    relayed query (callgrind). Only what a socket does not take at once
+    is buffered, and reading the other side stops until it is sent. Endings are
+    as in Relay.
+    """
+
+    __slots__ = ("_client_closing", "_client_left", "_eof_to_server", "_on_client_gone", "_server_left",
+                 "client", "client_closed", "loop", "server", "server_closed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client_fd: int, server_fd: int, *,
+                 client_observer: Observer | None = None, server_observer: Observer | None = None,
+                 on_client_gone: Callable[[], None] | None = None) -> None:
+        self.loop = loop
+        self.server_closed: asyncio.Future[None] = loop.create_future()
+        self.client_closed: asyncio.Future[None] = loop.create_future()
+        self._on_client_gone = on_client_gone
+        self._client_left = False
+        self._server_left = False
+        self._client_closing = False  # close the client once what it is owed is sent
+        self._eof_to_server = False  # end the server's stream once what it is owed is sent
+        self.client = Conduit(client_fd, self, client_observer)  # reads the client
+        self.server = Conduit(server_fd, self, server_observer)
+        self.client.link(self.server)
+        self.server.link(self.client)
+
+    @classmethod
+    def take(cls, loop: asyncio.AbstractEventLoop, client: asyncio.Transport,
+             server: asyncio.Transport, **kwargs: Any) -> SocketRelay | None:
+        """Takes the sockets over from two plain transports, which are closed; None
+        where it cannot (no compiled Conduit, TLS, a write still buffered, no
+        descriptor left), and the transports are left as they were."""
+        if not SOCKETS:
+            return None
+        socks = []
+        for t in (client, server):
+            sock = t.get_extra_info("socket")
+            if sock is None or t.get_extra_info("ssl_object") is not None or t.is_closing() \
+                    or t.get_write_buffer_size():
+                return None
+            socks.append(sock)
+        fds: list[int] = []
+        try:
+            for sock in socks:
+                fds.append(os.dup(sock.fileno()))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            return None
+        for t in (client, server):
+            t.set_protocol(_IGNORED)  # its connection_lost is no news to anyone
+            t.abort()  # closes its descriptor only: the socket lives on in ours
+        return cls(loop, fds[0], fds[1], **kwargs)
+
+    @property
+    def bytes_to_server(self) -> int:
+        return self.client.count
+
+    @property
+    def bytes_to_client(self) -> int:
+        return self.server.count
+
+    def set_server_observer(self, observer: Observer | None) -> None:
+        self.server.observer = observer
+
+    def start(self) -> None:
+        """Read both sides from now on."""
+        self._sync()
+
+    def to_client(self, data: bytes) -> None:
+        if not self._client_left:
+            self.client.send(data)
+
+    def to_server(self, data: bytes) -> None:
+        if not self._server_left and not self._client_left:
+            self.server.send(data)
+
+    def close_client(self) -> None:
+        self._client_closing = True
+        self._sync()
+
+    def abort_client(self) -> None:
+        """Close the client's side now, dropping what it has not taken."""
+        self.client.drop()
+        self.close_client()
+
+    def close(self) -> None:
+        self.server.drop()
+        self.abort_client()
+        self._lose_server()
+
+    def detach(self) -> None:
+        self._on_client_gone = None
+        self.client.observer = self.server.observer = None
+        if self.client_closed.done() and self.server_closed.done():
+            self.client.detach()
+            self.server.detach()
+
+    # -- what the conduits tell ------------------------------------------------------
+
+    def _lost(self, end: Any, error: int) -> None:
+        """End of stream (`error` 0) or a socket error on `end`."""
+        if end is self.server:
+            self._lose_server()
+            return
+        if error:
+            end.drop()
+        self._client_gone()
+        self._sync()
+
+    def _blocked(self, end: Any) -> None:
+        self._sync()
+
+    def _drained(self, end: Any) -> None:
+        self._sync()
+
+    def _rearm(self, end: Any) -> None:
+        """`end` read its fill in one wakeup: register it afresh, in case uvloop dropped it."""
+        if end.reading:
+            self.loop.remove_reader(end.fd)
+            self.loop.add_reader(end.fd, end.readable)
+
+    def _fault(self, end: Any, error: BaseException) -> None:
+        self.loop.call_exception_handler({"message": "relay observer failed; session closed",
+                                          "exception": error})
+        self.close()
+
+    # -- the state, and what the loop is asked to watch ------------------------------
+
+    def _client_gone(self) -> None:
+        if self._client_left:
+            return
+        self._client_left = True
+        self._client_closing = True
+        if self._server_left:
+            return
+        if self._on_client_gone is not None:
+            self._on_client_gone()
+        # Keep reading until the server closes, so we know its slot is free.
+        self.server.link(None)
+        self._eof_to_server = True
+
+    def _lose_server(self) -> None:
+        if self._server_left:
+            return
+        self._server_left = True
+        self._unwatch(self.server)
+        self.server.close()
+        if not self.server_closed.done():  # a cancelled waiter cancels it
+            self.server_closed.set_result(None)
+        # Stops reading the client; sends what it is owed (such as the server's FATAL), then closes.
+        self._client_closing = True
+        self._sync()
+
+    def _sync(self) -> None:
+        client, server = self.client, self.server
+        if self._client_closing and client.fd >= 0 and not client.buffered:
+            self._unwatch(client)
+            client.close()
+            self._client_gone()
+            if not self.client_closed.done():
+                self.client_closed.set_result(None)
+        if self._eof_to_server and server.fd >= 0 and not server.buffered:
+            self._eof_to_server = False
+            server.shutdown()
+        if client.fd >= 0:
+            self._watch(client, not self._client_closing and not server.buffered, client.buffered > 0)
+        if server.fd >= 0:
+            self._watch(server, self._client_left or not client.buffered, server.buffered > 0)
+
+    def _watch(self, end: Any, read: bool, write: bool) -> None:
+        loop = self.loop
+        if end.reading != read:
+            end.reading = read
+            if read:
+                loop.add_reader(end.fd, end.readable)
+            else:
+                loop.remove_reader(end.fd)
+        if end.writing != write:
+            end.writing = write
+            if write:
+                loop.add_writer(end.fd, end.writable)
+            else:
+                loop.remove_writer(end.fd)
+
+    def _unwatch(self, end: Any) -> None:
+        self._watch(end, False, False)
+
+
+_IGNORED = asyncio.Protocol()  # for a transport whose socket a SocketRelay took over
+
+
+def open_relay(loop: asyncio.AbstractEventLoop, client: asyncio.Transport, server: asyncio.Transport,
+               **kwargs: Any) -> Relay | SocketRelay:
+    """A relay between two connections: on their sockets where it can, else on the transports.
+
+    The server transport's reading is paused; the relay's `start` resumes it.
+    """
+    return SocketRelay.take(loop, client, server, **kwargs) or Relay(client, server, loop=loop, **kwargs)

@@ -29,7 +29,7 @@ from .admission import State, Ticket
 from .errors import ClientError, ProtocolError, Reason
 from .gate import Rerouted
 from .monitor import normalize_host
-from .relay import Relay
+from .relay import Relay, SocketRelay, open_relay
 from .routing import Router, classify
 from .timeouts import deadline
 
@@ -179,7 +179,7 @@ class Session:
         self._backend_transport: asyncio.Transport | None = None
         self._endpoint: tuple[str, int] | None = None
         self._connecting: asyncio.Transport | None = None  # the server connection before relaying
-        self.relay: Relay | None = None
+        self.relay: Relay | SocketRelay | None = None
         self.tracker: wire.SessionTracker | None = None
         self.reason: Reason | None = None
         self.task: asyncio.Task[None] | None = None
@@ -634,29 +634,32 @@ class Session:
         self._connecting = None
         server = answered.transport
         early = self.handshake.early
-        if self.passthrough:  # encrypted both ways: nothing to follow
-            self.relay = relay = Relay(self.transport, server, loop=self.loop)
-        else:
-            tracker = self.tracker = wire.SessionTracker(self.loop.time)
-            self.relay = relay = Relay(self.transport, server, loop=self.loop,
-                                       client_observer=tracker.walker.from_client,
-                                       server_observer=self._startup_observer,
-                                       on_client_gone=self._client_left_session)
-            tracker.from_client(bytes(early))
-        if len(early) > sent:
-            server.write(early[sent:])  # arrived while we were connecting
-        self.handshake.early = bytearray()
         received = bytes(answered.received)
-        if received:
+        if received and self.tls:
             server_tls = server.get_extra_info("ssl_object")
-            if self.tls and server_tls is not None and \
-                    server_tls.getpeercert(binary_form=True) != self.proxy.client_cert:
+            if server_tls is not None and server_tls.getpeercert(binary_form=True) != self.proxy.client_cert:
                 # The client would bind to our certificate, the server checks its own: only
                 # when they are the same certificate can SCRAM-SHA-256-PLUS work end to end.
                 received = wire.strip_scram_plus(received)
+        if self.upstream.monitor is not None:  # type: ignore[union-attr]
+            self._endpoint = self.backend_endpoint  # read now: a SocketRelay closes the transport
+        self._backend_transport = None
+        if self.passthrough:  # encrypted both ways: nothing to follow
+            self.relay = relay = open_relay(self.loop, self.transport, server)
+        else:
+            tracker = self.tracker = wire.SessionTracker(self.loop.time)
+            self.relay = relay = open_relay(self.loop, self.transport, server,
+                                            client_observer=tracker.walker.from_client,
+                                            server_observer=self._startup_observer,
+                                            on_client_gone=self._client_left_session)
+            tracker.from_client(bytes(early))
+        if len(early) > sent:
+            relay.to_server(early[sent:])  # arrived while we were connecting
+        self.handshake.early = bytearray()
+        if received:
             self._startup_observer(received)
-            self.transport.write(received)
-        server.resume_reading()
+            relay.to_client(received)
+        relay.start()
 
         started = self.loop.time()
         await relay.server_closed
@@ -669,7 +672,7 @@ class Session:
         if relay.client_closed.done():  # the usual end: the client left first
             return
         # A client that takes nothing more is not waited for long.
-        flush_limit = self.loop.call_later(CLIENT_FLUSH_TIMEOUT, self.transport.abort)
+        flush_limit = self.loop.call_later(CLIENT_FLUSH_TIMEOUT, relay.abort_client)
         try:
             await relay.client_closed
         finally:

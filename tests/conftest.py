@@ -39,6 +39,22 @@ PUMPS = [
     pytest.param(relay.PyPump, id="python-pump"),
     pytest.param(relay.CompiledPump, id="compiled-pump", marks=_NOT_BUILT),
 ]
+# A plain session is relayed on its sockets (relay.SocketRelay, compiled only), a TLS one
+# on transports with either pump: tests of how sessions end run on each.
+RELAYS = [
+    pytest.param(("sockets", relay.CompiledPump), id="socket-relay", marks=_NOT_BUILT),
+    pytest.param(("transports", relay.CompiledPump), id="transport-relay", marks=_NOT_BUILT),
+    pytest.param(("transports", relay.PyPump), id="transport-relay-python-pump"),
+]
+
+
+@pytest.fixture(params=RELAYS)
+def relay_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which relay the proxies of this test use: "sockets" or "transports"."""
+    kind, pump = request.param
+    monkeypatch.setattr(relay, "SOCKETS", kind == "sockets")
+    monkeypatch.setattr(relay, "DEFAULT_PUMP", pump)
+    return kind
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:

@@ -284,6 +284,7 @@ async def test_without_the_compiled_walker_the_proxy_says_so_and_serves(
     monkeypatch.setattr(wire, "CompiledWalker", None)  # as installed without a C compiler
     monkeypatch.setattr(wire, "DEFAULT_WALKER", wire.Walker)
     monkeypatch.setattr(relay, "DEFAULT_PUMP", relay.PyPump)
+    monkeypatch.setattr(relay, "SOCKETS", False)
     caplog.set_level(logging.WARNING, logger="slotproxy")
     proxy = await proxy_factory(pg)
     assert "slotproxy._walker was not built at install" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import os
 import struct
 from typing import Any
 
@@ -14,11 +15,11 @@ import pytest
 from slotproxy import relay, wire
 from slotproxy.cluster import Cluster, free_port
 from slotproxy.demo import one_client
-from slotproxy.relay import Relay
+from slotproxy.relay import Relay, SocketRelay
 from slotproxy.server import Proxy
 from slotproxy.session import Session
 
-from .conftest import ALICE_PASSWORD, PUMPS, PeakWatcher, wait_until
+from .conftest import ALICE_PASSWORD, PeakWatcher, wait_until
 from .pgraw import TERMINATE, RawClient, query
 
 
@@ -318,14 +319,15 @@ async def test_bytes_sent_before_the_server_answered_are_not_lost(
     assert await raw.read_eof() == b""
 
 
-@pytest.mark.parametrize("pump", PUMPS)
 async def test_large_result_and_copy_both_ways_arrive_complete(
-        pg: Cluster, proxy_factory: Any, pump: type, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(relay, "DEFAULT_PUMP", pump)
+        pg: Cluster, proxy_factory: Any, relay_kind: str) -> None:
     proxy = await proxy_factory(pg)
     conn = await connect(proxy)
     [session] = proxy.sessions
-    assert isinstance(session.relay.client_half, pump)
+    if relay_kind == "sockets":
+        assert isinstance(session.relay, relay.SocketRelay)
+    else:
+        assert isinstance(session.relay.client_half, relay.DEFAULT_PUMP)
     rows = await conn.fetch("select i, repeat(md5(i::text), 32) as s from generate_series(1, 51200) i")
     assert len(rows) == 51200
     assert sum(len(r["s"]) for r in rows) == 51200 * 1024  # 50 MiB of payload
@@ -347,7 +349,7 @@ async def test_large_result_and_copy_both_ways_arrive_complete(
 
 
 async def test_a_client_vanishing_mid_query_frees_its_slot_soon(
-        pg: Cluster, proxy_factory: Any) -> None:
+        pg: Cluster, proxy_factory: Any, relay_kind: str) -> None:
     proxy = await proxy_factory(pg, admission={"max_backend_slots": 1})
     observer = await asyncpg.connect(pg.dsn())
     vanishing = await connect(proxy)
@@ -375,7 +377,8 @@ async def wait_until_async(conn: asyncpg.Connection, sql: str, expected: Any, ti
 # -- relaying ------------------------------------------------------------------------------------
 
 
-async def test_a_server_fatal_reaches_the_client_before_the_close(pg: Cluster, proxy_factory: Any) -> None:
+async def test_a_server_fatal_reaches_the_client_before_the_close(
+        pg: Cluster, proxy_factory: Any, relay_kind: str) -> None:
     proxy = await proxy_factory(pg)
 
     async def terminated_mid_query(conn: asyncpg.Connection) -> BaseException:
@@ -398,7 +401,7 @@ async def test_a_server_fatal_reaches_the_client_before_the_close(pg: Cluster, p
 
 
 async def test_a_client_that_stops_reading_pauses_the_server_not_the_proxy_memory(
-        pg: Cluster, proxy_factory: Any) -> None:
+        pg: Cluster, proxy_factory: Any, relay_kind: str) -> None:
     proxy = await proxy_factory(pg)
     raw = await RawClient.connect(**at(proxy))
     raw.send_startup()
@@ -407,8 +410,12 @@ async def test_a_client_that_stops_reading_pauses_the_server_not_the_proxy_memor
     raw.send(query("select repeat('x', 1000) from generate_series(1, 50000)"))  # ~50 MB
     [session] = proxy.sessions
     relay = session.relay
-    await wait_until(lambda: not relay.server.is_reading(), "the proxy to stop reading the server")
-    buffered = relay.client.get_write_buffer_size()
+    if relay_kind == "sockets":
+        await wait_until(lambda: not relay.server.reading, "the proxy to stop reading the server")
+        buffered = relay.client.buffered
+    else:
+        await wait_until(lambda: not relay.server.is_reading(), "the proxy to stop reading the server")
+        buffered = relay.client.get_write_buffer_size()
     assert buffered < 2 * 1024 * 1024, f"{buffered} bytes buffered for a client that does not read"
     raw.writer.transport.resume_reading()
     rows = 0
@@ -418,20 +425,25 @@ async def test_a_client_that_stops_reading_pauses_the_server_not_the_proxy_memor
     raw.send(TERMINATE)
 
 
-async def test_both_sockets_of_a_session_have_tcp_nodelay(pg: Cluster, proxy_factory: Any) -> None:
+async def test_both_sockets_of_a_session_have_tcp_nodelay(
+        pg: Cluster, proxy_factory: Any, relay_kind: str) -> None:
     import socket
 
     proxy = await proxy_factory(pg)
     conn = await connect(proxy)
     [session] = proxy.sessions
-    for transport in (session.relay.client, session.relay.server):
-        sock = transport.get_extra_info("socket")
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    for side in (session.relay.client, session.relay.server):
+        if relay_kind == "sockets":
+            with socket.socket(fileno=os.dup(side.fd)) as sock:
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        else:
+            sock = side.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     await conn.close()
 
 
 async def test_a_finished_session_is_freed_without_the_garbage_collector(
-        pg: Cluster, proxy_factory: Any) -> None:
+        pg: Cluster, proxy_factory: Any, relay_kind: str) -> None:
     """Its objects go when it ends, whatever the ending: none is left for a collection."""
     proxy = await proxy_factory(pg, admission={"max_backend_slots": 1, "queue_timeout": 0.3})
     crowded = await proxy_factory(pg, proxy={"max_clients": 1})
@@ -464,7 +476,7 @@ async def test_a_finished_session_is_freed_without_the_garbage_collector(
         await first.close()
         for p in (proxy, crowded, nowhere):
             await wait_until(lambda p=p: not p.sessions, "every session to end")
-        left = [o for o in gc.get_objects() if isinstance(o, (Session, Relay))]
+        left = [o for o in gc.get_objects() if isinstance(o, (Session, Relay, SocketRelay))]
         assert left == [], f"{len(left)} sessions or relays wait for the garbage collector"
     finally:
         gc.enable()

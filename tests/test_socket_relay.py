@@ -1,0 +1,263 @@
+"""relay.SocketRelay on socket pairs: flow control and every ending, without a server.
+
+The sessions through a real server are in test_proxy (each ending on each relay);
+here the two peers are plain sockets, so that a side can stop reading, or close,
+exactly when the test says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from slotproxy import relay
+
+from .conftest import wait_until
+
+pytestmark = pytest.mark.skipif(relay.Conduit is None, reason="slotproxy._walker was not built")
+
+
+class Pair:
+    """A SocketRelay between an app socket and a server socket, as the proxy would hold it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, app_buffer: int = 0, **kwargs: Any) -> None:
+        self.app, proxy_client = socket.socketpair()
+        if app_buffer:  # a slow network to the app: the relay soon holds bytes for it
+            proxy_client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, app_buffer)
+        proxy_server, self.db = socket.socketpair()
+        for sock in (self.app, self.db):
+            sock.setblocking(False)
+        self.gone: list[str] = []
+        self.fds = (proxy_client.detach(), proxy_server.detach())
+        self.relay = relay.SocketRelay(loop, *self.fds, on_client_gone=lambda: self.gone.append("gone"),
+                                       **kwargs)
+        self.relay.start()
+
+    def close(self) -> None:
+        self.relay.close()
+        self.app.close()
+        self.db.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[Any]:
+    made: list[Pair] = []
+
+    def make(**kwargs: Any) -> Pair:
+        made.append(Pair(asyncio.get_running_loop(), **kwargs))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+async def read_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while len(got) < n:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, n - len(got)), 10)
+        assert chunk, f"EOF after {len(got)} of {n} bytes"
+        got += chunk
+    return bytes(got)
+
+
+async def read_to_eof(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10):
+        got += chunk
+    return bytes(got)
+
+
+def closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+async def test_each_way_is_observed_counted_and_relayed_in_order(pair: Any) -> None:
+    seen: list[tuple[str, bytes]] = []
+    p = pair(client_observer=lambda d: seen.append(("client", d)),
+             server_observer=lambda d: seen.append(("server", d)))
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(p.app, b"Q\x00\x00\x00\x05;")
+    assert await read_exactly(p.db, 6) == b"Q\x00\x00\x00\x05;"
+    await loop.sock_sendall(p.db, b"Z\x00\x00\x00\x05I")
+    assert await read_exactly(p.app, 6) == b"Z\x00\x00\x00\x05I"
+    assert b"".join(d for who, d in seen if who == "client") == b"Q\x00\x00\x00\x05;"
+    assert b"".join(d for who, d in seen if who == "server") == b"Z\x00\x00\x00\x05I"
+    assert (p.relay.bytes_to_server, p.relay.bytes_to_client) == (6, 6)
+    p.relay.set_server_observer(None)
+    await loop.sock_sendall(p.db, b"more")
+    assert await read_exactly(p.app, 4) == b"more"
+    assert len(seen) == 2 and p.relay.bytes_to_client == 10
+
+
+async def test_an_app_that_stops_reading_stops_the_server_side_and_loses_nothing(pair: Any) -> None:
+    p = pair()
+    loop = asyncio.get_running_loop()
+    payload = bytes(range(256)) * (32 * 1024)  # 8 MiB, far more than the socket buffers hold
+    sending = asyncio.create_task(loop.sock_sendall(p.db, payload))
+    await wait_until(lambda: not p.relay.server.reading, "the relay to stop reading the server")
+    assert 0 < p.relay.client.buffered <= 256 * 1024  # at most one chunk held for the app
+    assert not sending.done()  # the server is held back by its own socket
+    assert await read_exactly(p.app, len(payload)) == payload
+    await sending
+    assert p.relay.server.reading and p.relay.client.buffered == 0
+
+
+async def test_the_app_leaving_half_closes_the_server_side_and_waits_for_the_server(pair: Any) -> None:
+    p = pair()
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(p.app, b"X\x00\x00\x00\x04")
+    p.app.close()
+    assert await read_to_eof(p.db) == b"X\x00\x00\x00\x04"  # the EOF came after what was sent
+    assert p.gone == ["gone"]
+    await asyncio.wait_for(p.relay.client_closed, 10)
+    await loop.sock_sendall(p.db, b"late notice")  # read and dropped: nobody to take it
+    await asyncio.sleep(0.05)  # the relay's turn to read it
+    assert not p.relay.server_closed.done()  # the server still holds the slot
+    p.db.close()
+    await asyncio.wait_for(p.relay.server_closed, 10)
+    assert all(closed(fd) for fd in p.fds)
+    assert p.gone == ["gone"]
+
+
+async def test_the_server_closing_first_sends_the_app_what_it_is_owed_then_closes(pair: Any) -> None:
+    p = pair(app_buffer=4096)
+    loop = asyncio.get_running_loop()
+    fatal = b"E" + bytes(100_000)  # an error after a long result, then the server closes
+    await loop.sock_sendall(p.db, fatal)
+    p.db.close()
+    await wait_until(lambda: p.relay.client.buffered > 0, "bytes held for the app")
+    assert await read_to_eof(p.app) == fatal  # all of it, and only then the EOF
+    await asyncio.wait_for(asyncio.gather(p.relay.server_closed, p.relay.client_closed), 10)
+    assert p.gone == []  # the app did not leave a live session: nothing to cancel
+    assert all(closed(fd) for fd in p.fds)
+
+
+async def test_closing_the_app_side_sends_what_is_owed_each_way_first(pair: Any) -> None:
+    p = pair()  # as a reclaimed idle session: an error to the app, Terminate to the server
+    p.relay.to_client(b"E error")
+    p.relay.to_server(b"X\x00\x00\x00\x04")
+    p.relay.close_client()
+    assert await read_to_eof(p.app) == b"E error"
+    assert await read_to_eof(p.db) == b"X\x00\x00\x00\x04"
+    await asyncio.wait_for(p.relay.client_closed, 10)
+    p.db.close()
+    await asyncio.wait_for(p.relay.server_closed, 10)
+    assert p.gone == ["gone"]
+
+
+async def test_close_drops_both_sides_at_once(pair: Any) -> None:
+    p = pair()
+    loop = asyncio.get_running_loop()
+    sending = asyncio.create_task(loop.sock_sendall(p.db, bytes(8 * 2**20)))
+    await wait_until(lambda: p.relay.client.buffered > 0, "bytes held for the app")
+    p.relay.close()
+    assert p.relay.client_closed.done() and p.relay.server_closed.done()
+    assert all(closed(fd) for fd in p.fds)
+    sending.cancel()
+    await asyncio.gather(sending, return_exceptions=True)
+
+
+async def test_an_observer_that_fails_ends_the_session_and_is_reported(pair: Any) -> None:
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        def broken(data: bytes) -> None:
+            raise ValueError("observer bug")
+
+        p = pair(server_observer=broken)
+        await loop.sock_sendall(p.db, b"Z\x00\x00\x00\x05I")
+        await asyncio.wait_for(p.relay.server_closed, 10)
+        assert await read_to_eof(p.app) == b""  # the chunk that failed was not sent on
+        [context] = reported
+        assert isinstance(context["exception"], ValueError)
+        assert "session closed" in context["message"]
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_a_detached_relay_holds_nothing(pair: Any) -> None:
+    p = pair(client_observer=lambda d: None)
+    p.app.close()
+    p.db.close()
+    await asyncio.wait_for(asyncio.gather(p.relay.client_closed, p.relay.server_closed), 10)
+    p.relay.detach()
+    import gc
+    assert gc.get_referents(p.relay.client) == [type(p.relay.client)]
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    return near, far
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+async def test_bytes_then_a_reset_in_one_wakeup_are_relayed_and_the_end_is_seen(side: str) -> None:
+    # A backend that exits with input unread resets its connection; its last message
+    # (a FATAL) and the reset then reach the proxy together, as one readable-with-error
+    # event, after which uvloop polls that socket no more.
+    loop = asyncio.get_running_loop()
+    app, proxy_client = tcp_pair()
+    proxy_server, db = tcp_pair()
+    r = relay.SocketRelay(loop, proxy_client.detach(), proxy_server.detach())
+    r.start()
+    sender, receiver = (db, app) if side == "server" else (app, db)
+    receiver.setblocking(False)
+    last = b"E" + bytes(4000)
+    sender.sendall(last)  # both in this one callback: the loop sees them at once
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sender.close()
+    try:
+        assert await read_to_eof(receiver) == last
+        if side == "client":
+            await asyncio.wait_for(r.client_closed, 10)
+            assert not r.server_closed.done()  # until the server closes (on our EOF)
+            receiver.close()
+        await asyncio.wait_for(asyncio.gather(r.server_closed, r.client_closed), 10)
+    finally:
+        r.close()
+        receiver.close()
+
+
+async def test_a_long_burst_is_relayed_whole_across_many_wakeups(monkeypatch: Any) -> None:
+    # More than a wakeup reads at once (16 chunks): the socket is registered afresh between.
+    rearmed: list[int] = []
+    real = relay.SocketRelay._rearm
+
+    def counted(self: relay.SocketRelay, end: Any) -> None:
+        rearmed.append(end.fd)
+        real(self, end)
+
+    monkeypatch.setattr(relay.SocketRelay, "_rearm", counted)
+    loop = asyncio.get_running_loop()
+    app, proxy_client = tcp_pair()
+    proxy_server, db = tcp_pair()
+    r = relay.SocketRelay(loop, proxy_client.detach(), proxy_server.detach())
+    r.start()
+    for sock in (app, db):
+        sock.setblocking(False)
+    payload = os.urandom(2**20) * 64
+    try:
+        sending = asyncio.create_task(loop.sock_sendall(db, payload))
+        assert await read_exactly(app, len(payload)) == payload
+        await sending
+        assert r.bytes_to_client == len(payload) and rearmed
+    finally:
+        r.close()
+        app.close()
+        db.close()
