@@ -11,7 +11,7 @@ front of the spawned server, and driven by pgbench:
   per transaction  pgbench -S on open sessions: one query and its result relayed
 
 Besides slotproxy and PgBouncer, `forwarder` (loadtest.forwarder) is a bare
-uvloop Protocol forwarder: the floor of a Python relay.
+uvloop Protocol forwarder: the floor of a relay on asyncio transports.
 """
 
 from __future__ import annotations
@@ -179,4 +179,5 @@ def table(section: dict[str, Any]) -> str:
         (label, [f"{r[key]:,}" for r in res], [fmt_ratio(r[f"{key}_ratio_to_first"]) for r in res])
         for key, label in (("per_connection", "per connection"), ("per_transaction", "per transaction"))]
     return grid(title, [r["target"] for r in res], rows) + \
-        "\n  counted in the proxy's process, kernel excluded; forwarder: a bare uvloop forwarder, the floor"
+        "\n  counted in the proxy's process, kernel excluded; forwarder: a bare uvloop forwarder, " \
+        "the floor of a transport relay"

@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     spawn.add_argument("--spawn", action="store_true", help="start the targets; stop them afterwards")
     spawn.add_argument("--spawn-targets", metavar="LIST", default=None,
                        help=f"which, in this order (default {','.join(KINDS)}; PgBouncer only if installed; "
-                            "add forwarder, a bare uvloop forwarder, for the floor of a Python relay "
+                            "add forwarder, a bare uvloop forwarder, for the floor of a transport relay "
                             "in pgbench and relay)")
     spawn.add_argument("--max-connections", type=int, default=20, help="the server's (default 20)")
     spawn.add_argument("--reserved", type=int, default=3,

@@ -1,6 +1,6 @@
 """A bare forwarder: uvloop Protocols that copy bytes both ways, nothing else.
 
-The floor of any Python relay on uvloop, for the `instructions` measurement:
+The floor of a relay on asyncio transports (uvloop), for the measurements:
 no startup parsing, no queue, no tracking. Not a proxy to use.
 
     python -m loadtest.forwarder --backend HOST:PORT (or /socket/dir:PORT) [--listen-port N]

@@ -225,7 +225,7 @@ class SlotproxyProcess(_ListeningChild):
 
 
 class ForwarderProcess(_ListeningChild):
-    """loadtest.forwarder: a bare uvloop forwarder, the floor of any Python relay."""
+    """loadtest.forwarder: a bare uvloop forwarder, the floor of a relay on asyncio transports."""
 
     name = "forwarder"
 

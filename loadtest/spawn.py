@@ -31,7 +31,7 @@ from .targets import Target, UsageError
 
 APP_ROLE = "app"
 KINDS = ("direct", "slotproxy", "pgbouncer")
-# Only when named in --spawn-targets: the floor of a Python relay, for pgbench and relay.
+# Only when named in --spawn-targets: the floor of a transport relay, for pgbench and relay.
 # It has no queue, so the scenarios that exhaust slots see the server's refusals through it.
 OPTIONAL_KINDS = ("forwarder",)
 SETTLE_TIMEOUT = 30.0

@@ -243,11 +243,11 @@ async def test_instructions_counts_each_proxy_per_connection_and_per_transaction
     assert ("pgbouncer" in results) == bool(pgbouncer_binary())
     for r in results.values():
         assert r["per_connection"] > 0 and r["per_transaction"] > 0, r
-    # A session costs more than a transaction on it; the bare forwarder does less than slotproxy.
+    # A session costs more than a transaction on it; the bare forwarder sets up a connection
+    # with less than slotproxy (no startup parsing, no queue).
     proxy, floor = results["slotproxy"], results["forwarder"]
     assert proxy["per_connection"] > proxy["per_transaction"]
     assert floor["per_connection"] < proxy["per_connection"]
-    assert floor["per_transaction"] < proxy["per_transaction"]
     assert table_row(render(section), "per connection")[0] == f"{proxy['per_connection']:,}"
 
 
