@@ -464,14 +464,31 @@ typedef struct Conduit {
     char reading, writing; /* registered with the loop: kept by the owner */
 } Conduit;
 
+static PyObject *
+Conduit_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Conduit *self = (Conduit *)PyType_GenericNew(type, args, kwds);
+    if (self != NULL)
+        self->fd = -1; /* owns no socket until __init__ gives it one */
+    return (PyObject *)self;
+}
+
 static int
 Conduit_init(Conduit *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "owner", "observer", NULL};
     int fd;
     PyObject *owner, *observer = Py_None;
+    if (self->fd >= 0 || self->owner != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a Conduit is initialized once");
+        return -1;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO|O:Conduit", kwlist, &fd, &owner, &observer))
         return -1;
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "fd must be a descriptor");
+        return -1;
+    }
     self->fd = fd;
     Py_INCREF(owner);
     Py_XSETREF(self->owner, owner);
@@ -640,7 +657,7 @@ Conduit_readable(Conduit *self, PyObject *Py_UNUSED(ignored))
     for (int reads = 0; self->fd >= 0 && self->reading; reads++) {
         if (reads == MAX_READS)
             return tell(self, str_rearm, NULL);
-        ssize_t n = recv(self->fd, chunk, CHUNK, 0);
+        ssize_t n = recv(self->fd, chunk, CHUNK, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -769,7 +786,7 @@ static PyGetSetDef Conduit_getset[] = {
 
 static PyType_Slot Conduit_slots[] = {
     {Py_tp_doc, "One socket of a relayed session (see relay.SocketRelay)."},
-    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_new, Conduit_new},
     {Py_tp_init, Conduit_init},
     {Py_tp_dealloc, Conduit_dealloc},
     {Py_tp_traverse, Conduit_traverse},

@@ -51,10 +51,13 @@ class PyPump:
 
 
 try:
-    from ._walker import Conduit
     from ._walker import Pump as CompiledPump
 except ImportError:  # installed without a C compiler
-    CompiledPump = Conduit = None
+    CompiledPump = None
+try:
+    from ._walker import Conduit
+except ImportError:
+    Conduit = None
 DEFAULT_PUMP: type = CompiledPump or PyPump  # what transport relays use
 SOCKETS = Conduit is not None  # whether open_relay may take the sockets over
 
@@ -209,8 +212,6 @@ class Relay:
         self.client.close()
         if self._server_left:
             return
-        if self._on_client_gone is not None:
-            self._on_client_gone()
         # Keep reading until the server closes, so we know its slot is free.
         self.server.set_protocol(_Drain(self))
         self.server.resume_reading()
@@ -218,6 +219,8 @@ class Relay:
             self.server.write_eof()
         else:
             self.server.close()  # TLS: close_notify, and its connection_lost once the server closes
+        if self._on_client_gone is not None:  # last: whatever it does, the above is done
+            self._on_client_gone()
 
     def _server_gone(self) -> None:
         if self._server_left:
@@ -360,10 +363,12 @@ class SocketRelay:
         self._sync()
 
     def _rearm(self, end: Any) -> None:
-        """`end` read its fill in one wakeup: register it afresh, in case uvloop dropped it."""
-        if end.reading:
-            self.loop.remove_reader(end.fd)
-            self.loop.add_reader(end.fd, end.readable)
+        """`end` read its fill in one wakeup: register it afresh, in case uvloop dropped it.
+
+        Both ways, so that uvloop makes a new poll: a dying one keeps neither."""
+        read, write = end.reading, end.writing
+        self._unwatch(end)
+        self._watch(end, read, write)
 
     def _fault(self, end: Any, error: BaseException) -> None:
         self.loop.call_exception_handler({"message": "relay observer failed; session closed",
@@ -379,11 +384,11 @@ class SocketRelay:
         self._client_closing = True
         if self._server_left:
             return
-        if self._on_client_gone is not None:
-            self._on_client_gone()
         # Keep reading until the server closes, so we know its slot is free.
         self.server.link(None)
         self._eof_to_server = True
+        if self._on_client_gone is not None:  # last: whatever it does, the above is done
+            self._on_client_gone()
 
     def _lose_server(self) -> None:
         if self._server_left:
@@ -416,17 +421,17 @@ class SocketRelay:
     def _watch(self, end: Any, read: bool, write: bool) -> None:
         loop = self.loop
         if end.reading != read:
-            end.reading = read
             if read:
                 loop.add_reader(end.fd, end.readable)
             else:
                 loop.remove_reader(end.fd)
+            end.reading = read  # only once the loop took it
         if end.writing != write:
-            end.writing = write
             if write:
                 loop.add_writer(end.fd, end.writable)
             else:
                 loop.remove_writer(end.fd)
+            end.writing = write
 
     def _unwatch(self, end: Any) -> None:
         self._watch(end, False, False)

@@ -641,8 +641,7 @@ class Session:
                 # The client would bind to our certificate, the server checks its own: only
                 # when they are the same certificate can SCRAM-SHA-256-PLUS work end to end.
                 received = wire.strip_scram_plus(received)
-        if self.upstream.monitor is not None:  # type: ignore[union-attr]
-            self._endpoint = self.backend_endpoint  # read now: a SocketRelay closes the transport
+        self._endpoint = self.backend_endpoint  # read now: a SocketRelay closes the transport
         self._backend_transport = None
         if self.passthrough:  # encrypted both ways: nothing to follow
             self.relay = relay = open_relay(self.loop, self.transport, server)
@@ -785,10 +784,15 @@ class Session:
         self.proxy.stats.refused[error.reason.value, error.sqlstate] += 1
         if error.reason in (Reason.PROTOCOL_ERROR, Reason.STARTUP_TIMEOUT):
             self.log.warning("closing: %s", error.message)
-        if not self.transport.is_closing():
-            if not self.passthrough:  # a passthrough client speaks TLS: it could not read it
-                self.transport.write(wire.error_response(
-                    error.sqlstate, error.message, detail=error.detail, hint=error.hint))
+        # A passthrough client speaks TLS: it could not read it.
+        answer = b"" if self.passthrough else wire.error_response(
+            error.sqlstate, error.message, detail=error.detail, hint=error.hint)
+        if self.relay is not None:  # relaying: the transport may have handed its socket over
+            self.relay.to_client(answer)
+            self.relay.close_client()
+        elif not self.transport.is_closing():
+            if answer:
+                self.transport.write(answer)
             self.transport.close()
 
     def _finish(self, reason: Reason) -> None:

@@ -353,6 +353,7 @@ async def test_a_client_vanishing_mid_query_frees_its_slot_soon(
     proxy = await proxy_factory(pg, admission={"max_backend_slots": 1})
     observer = await asyncpg.connect(pg.dsn())
     vanishing = await connect(proxy)
+    relayed_by(proxy, relay_kind)
     query_task = asyncio.create_task(vanishing.execute("select pg_sleep(30)"))
     await wait_until_async(observer, "select count(*) from pg_stat_activity"
                                      " where query like 'select pg_sleep%' and state = 'active'", 1)
@@ -364,6 +365,13 @@ async def test_a_client_vanishing_mid_query_frees_its_slot_soon(
     await observer.close()
     query_task.cancel()
     await asyncio.gather(query_task, return_exceptions=True)
+
+
+def relayed_by(proxy: Proxy, kind: str) -> None:
+    """Every relayed session of `proxy` is on the relay the test asked for."""
+    expected = SocketRelay if kind == "sockets" else Relay
+    relays = [s.relay for s in proxy.sessions if s.relay is not None]
+    assert relays and all(type(r) is expected for r in relays), relays
 
 
 async def wait_until_async(conn: asyncpg.Connection, sql: str, expected: Any, timeout: float = 10) -> None:
@@ -393,7 +401,9 @@ async def test_a_server_fatal_reaches_the_client_before_the_close(
         return ended.value
 
     direct = await terminated_mid_query(await asyncpg.connect(pg.dsn("app")))
-    proxied = await terminated_mid_query(await connect(proxy))
+    conn = await connect(proxy)
+    relayed_by(proxy, relay_kind)
+    proxied = await terminated_mid_query(conn)
     assert type(proxied) is type(direct) and str(proxied) == str(direct)
     assert "terminating connection due to administrator command" in str(proxied)
     assert isinstance(proxied.__cause__, asyncpg.AdminShutdownError)  # the server's 57P01
@@ -453,6 +463,7 @@ async def test_a_finished_session_is_freed_without_the_garbage_collector(
     gc.disable()
     try:
         conn = await connect(proxy)  # relayed, then closed by the client
+        relayed_by(proxy, relay_kind)
         assert await conn.fetchval("select 1") == 1
         ghost = await RawClient.connect(**at(proxy))  # hangs up while it waits
         ghost.send_startup(application_name="ghost")
@@ -476,7 +487,8 @@ async def test_a_finished_session_is_freed_without_the_garbage_collector(
         await first.close()
         for p in (proxy, crowded, nowhere):
             await wait_until(lambda p=p: not p.sessions, "every session to end")
-        left = [o for o in gc.get_objects() if isinstance(o, (Session, Relay, SocketRelay))]
+        kinds = tuple(k for k in (Session, Relay, SocketRelay, relay.Conduit) if k is not None)
+        left = [o for o in gc.get_objects() if isinstance(o, kinds)]
         assert left == [], f"{len(left)} sessions or relays wait for the garbage collector"
     finally:
         gc.enable()

@@ -26,15 +26,19 @@ pytestmark = pytest.mark.skipif(relay.Conduit is None, reason="slotproxy._walker
 class Pair:
     """A SocketRelay between an app socket and a server socket, as the proxy would hold it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, app_buffer: int = 0, **kwargs: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, app_buffer: int = 0, server_buffer: int = 0,
+                 **kwargs: Any) -> None:
         self.app, proxy_client = socket.socketpair()
-        if app_buffer:  # a slow network to the app: the relay soon holds bytes for it
-            proxy_client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, app_buffer)
         proxy_server, self.db = socket.socketpair()
+        # A slow network to a side: the relay soon holds bytes for it.
+        for sock, size in ((proxy_client, app_buffer), (proxy_server, server_buffer)):
+            if size:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
         for sock in (self.app, self.db):
             sock.setblocking(False)
         self.gone: list[str] = []
         self.fds = (proxy_client.detach(), proxy_server.detach())
+        self.inodes = tuple(os.fstat(fd).st_ino for fd in self.fds)
         self.relay = relay.SocketRelay(loop, *self.fds, on_client_gone=lambda: self.gone.append("gone"),
                                        **kwargs)
         self.relay.start()
@@ -76,12 +80,12 @@ async def read_to_eof(sock: socket.socket) -> bytes:
     return bytes(got)
 
 
-def closed(fd: int) -> bool:
+def closed(fd: int, inode: int) -> bool:
+    """Whether `fd` no longer refers to the socket `inode` (the number may be reused)."""
     try:
-        os.fstat(fd)
+        return os.fstat(fd).st_ino != inode
     except OSError:
         return True
-    return False
 
 
 async def test_each_way_is_observed_counted_and_relayed_in_order(pair: Any) -> None:
@@ -128,7 +132,7 @@ async def test_the_app_leaving_half_closes_the_server_side_and_waits_for_the_ser
     assert not p.relay.server_closed.done()  # the server still holds the slot
     p.db.close()
     await asyncio.wait_for(p.relay.server_closed, 10)
-    assert all(closed(fd) for fd in p.fds)
+    assert all(map(closed, p.fds, p.inodes))
     assert p.gone == ["gone"]
 
 
@@ -142,20 +146,60 @@ async def test_the_server_closing_first_sends_the_app_what_it_is_owed_then_close
     assert await read_to_eof(p.app) == fatal  # all of it, and only then the EOF
     await asyncio.wait_for(asyncio.gather(p.relay.server_closed, p.relay.client_closed), 10)
     assert p.gone == []  # the app did not leave a live session: nothing to cancel
-    assert all(closed(fd) for fd in p.fds)
+    assert all(map(closed, p.fds, p.inodes))
 
 
 async def test_closing_the_app_side_sends_what_is_owed_each_way_first(pair: Any) -> None:
-    p = pair()  # as a reclaimed idle session: an error to the app, Terminate to the server
-    p.relay.to_client(b"E error")
+    p = pair(app_buffer=4096)  # as a reclaimed idle session: an error to the app, Terminate to the server
+    error = b"E" + os.urandom(300_000)  # more than the app's socket takes at once
+    p.relay.to_client(error)
     p.relay.to_server(b"X\x00\x00\x00\x04")
     p.relay.close_client()
-    assert await read_to_eof(p.app) == b"E error"
+    assert p.relay.client.buffered > 0 and not p.relay.client_closed.done()
+    assert await read_to_eof(p.app) == error
     assert await read_to_eof(p.db) == b"X\x00\x00\x00\x04"
     await asyncio.wait_for(p.relay.client_closed, 10)
     p.db.close()
     await asyncio.wait_for(p.relay.server_closed, 10)
     assert p.gone == ["gone"]
+
+
+async def test_abort_client_drops_what_it_is_owed_and_closes_it_now(pair: Any) -> None:
+    p = pair(app_buffer=4096)  # the server has closed; the app takes nothing (CLIENT_FLUSH_TIMEOUT)
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(p.db, bytes(100_000))
+    p.db.close()
+    await wait_until(lambda: p.relay.client.buffered > 0, "bytes held for the app")
+    p.relay.abort_client()
+    assert p.relay.client_closed.done() and closed(p.fds[0], p.inodes[0])
+    p.relay.close()  # the server's end, still unread behind the app's
+    assert p.relay.server_closed.done() and all(map(closed, p.fds, p.inodes))
+
+
+async def test_an_app_reset_with_bytes_owed_to_it_ends_its_side_and_half_closes_the_server(
+        pair: Any) -> None:
+    p = pair(app_buffer=4096)
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(p.db, bytes(100_000))
+    await wait_until(lambda: p.relay.client.buffered > 0, "bytes held for the app")
+    p.app.close()  # with bytes unread: a reset for the relay's next send
+    await asyncio.wait_for(p.relay.client_closed, 10)
+    assert p.relay.client.buffered == 0 and p.gone == ["gone"]
+    assert await read_to_eof(p.db) == b""  # the server is told with EOF
+    p.db.close()
+    await asyncio.wait_for(p.relay.server_closed, 10)
+
+
+async def test_the_servers_eof_waits_for_what_the_server_is_owed(pair: Any) -> None:
+    p = pair(server_buffer=4096)
+    owed = os.urandom(2 * 2**20)  # more than the server's socket takes at once
+    p.relay.to_server(owed)
+    p.relay.close_client()
+    await asyncio.wait_for(p.relay.client_closed, 10)
+    assert p.relay.server.buffered > 0  # the EOF waits behind these
+    assert await read_to_eof(p.db) == owed
+    p.db.close()
+    await asyncio.wait_for(p.relay.server_closed, 10)
 
 
 async def test_close_drops_both_sides_at_once(pair: Any) -> None:
@@ -165,7 +209,7 @@ async def test_close_drops_both_sides_at_once(pair: Any) -> None:
     await wait_until(lambda: p.relay.client.buffered > 0, "bytes held for the app")
     p.relay.close()
     assert p.relay.client_closed.done() and p.relay.server_closed.done()
-    assert all(closed(fd) for fd in p.fds)
+    assert all(map(closed, p.fds, p.inodes))
     sending.cancel()
     await asyncio.gather(sending, return_exceptions=True)
 
@@ -234,8 +278,10 @@ async def test_bytes_then_a_reset_in_one_wakeup_are_relayed_and_the_end_is_seen(
         receiver.close()
 
 
-async def test_a_long_burst_is_relayed_whole_across_many_wakeups(monkeypatch: Any) -> None:
-    # More than a wakeup reads at once (16 chunks): the socket is registered afresh between.
+async def test_a_reset_behind_more_than_a_wakeup_reads_is_still_seen(monkeypatch: Any) -> None:
+    # More than one wakeup reads (16 chunks) waits in the socket when the peer resets.
+    # uvloop drops the registration after that wakeup: the relay registers the socket
+    # afresh and reads on to the end.
     rearmed: list[int] = []
     real = relay.SocketRelay._rearm
 
@@ -245,19 +291,28 @@ async def test_a_long_burst_is_relayed_whole_across_many_wakeups(monkeypatch: An
 
     monkeypatch.setattr(relay.SocketRelay, "_rearm", counted)
     loop = asyncio.get_running_loop()
-    app, proxy_client = tcp_pair()
-    proxy_server, db = tcp_pair()
+    app, proxy_client = socket.socketpair()
+    proxy_server, db = socket.socketpair()
+    for sock in (proxy_client, db):  # room for all of it on the way
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 2**20)
     r = relay.SocketRelay(loop, proxy_client.detach(), proxy_server.detach())
-    r.start()
-    for sock in (app, db):
-        sock.setblocking(False)
-    payload = os.urandom(2**20) * 64
+    r.to_server(b"unread")  # the server closes with input unread: a reset
+    db.setblocking(False)
+    sent = bytearray()
+    block = os.urandom(64 * 1024)
     try:
-        sending = asyncio.create_task(loop.sock_sendall(db, payload))
-        assert await read_exactly(app, len(payload)) == payload
-        await sending
-        assert r.bytes_to_client == len(payload) and rearmed
+        while len(sent) < 6 * 2**20:
+            sent += block[:db.send(block)]
+    except BlockingIOError:
+        pass
+    db.close()
+    assert len(sent) > 16 * 256 * 1024, "the test needs more queued than one wakeup reads"
+    r.start()
+    app.setblocking(False)
+    try:
+        assert await read_exactly(app, len(sent)) == sent
+        await asyncio.wait_for(r.server_closed, 10)
+        assert rearmed
     finally:
         r.close()
         app.close()
-        db.close()
