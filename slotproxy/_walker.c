@@ -441,20 +441,20 @@ static PyType_Spec Pump_spec = {
 
 /* -- Conduit: one end of a session relayed on its sockets themselves (relay.SocketRelay).
  *
- * The event loop calls `readable` when its socket has data: it reads a chunk,
- * counts it, shows it to the observer and sends it to the peer end's socket.
+ * The event loop calls `readable` when its socket has data: it reads it chunk by
+ * chunk, counts each, shows it to the observer and sends it to the peer end's socket.
  * Only what the peer's socket does not take at once is buffered, in `pending`;
  * the owner (the SocketRelay) then stops reading the other side until `writable`
  * has sent it. Every rare turn (end of stream, an error, a full or drained
  * buffer, an observer that failed) is a call of one of the owner's methods. */
 
-#define CHUNK (256 * 1024) /* read at most this much per wakeup, as uvloop's transports */
+#define CHUNK (256 * 1024) /* read at most this much per recv, as uvloop's transports */
 static char chunk[CHUNK];  /* one for all: a chunk is sent on before the next read */
 static PyObject *str_lost, *str_blocked, *str_drained, *str_fault, *str_rearm;
 
 typedef struct Conduit {
     PyObject_HEAD
-    int fd;              /* -1 once closed */
+    int fd;              /* -1: none (before __init__, or closed) */
     struct Conduit *peer; /* where what is read goes; NULL: read and dropped */
     PyObject *owner;
     PyObject *observer;  /* a callable, or None */
