@@ -253,7 +253,7 @@ class SocketRelay:
     as in Relay.
     """
 
-    __slots__ = ("_client_closing", "_client_left", "_eof_to_server", "_on_client_gone", "_server_left",
+    __slots__ = ("_client_closing", "_client_left", "_eof_to_server", "_on_client_gone",
                  "client", "client_closed", "loop", "server", "server_closed")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client_fd: int, server_fd: int, *,
@@ -264,7 +264,6 @@ class SocketRelay:
         self.client_closed: asyncio.Future[None] = loop.create_future()
         self._on_client_gone = on_client_gone
         self._client_left = False
-        self._server_left = False
         self._client_closing = False  # close the client once what it is owed is sent
         self._eof_to_server = False  # end the server's stream once what it is owed is sent
         self.client = Conduit(client_fd, self, client_observer)  # reads the client
@@ -320,7 +319,7 @@ class SocketRelay:
             self.client.send(data)
 
     def to_server(self, data: bytes) -> None:
-        if not self._server_left and not self._client_left:
+        if self.server.fd >= 0 and not self._client_left:
             self.server.send(data)
 
     def close_client(self) -> None:
@@ -382,7 +381,7 @@ class SocketRelay:
             return
         self._client_left = True
         self._client_closing = True
-        if self._server_left:
+        if self.server.fd < 0:  # the server left first
             return
         # Keep reading until the server closes, so we know its slot is free.
         self.server.link(None)
@@ -391,9 +390,8 @@ class SocketRelay:
             self._on_client_gone()
 
     def _lose_server(self) -> None:
-        if self._server_left:
+        if self.server.fd < 0:  # closed already: the server's end is only ever closed here
             return
-        self._server_left = True
         self._unwatch(self.server)
         self.server.close()
         if not self.server_closed.done():  # a cancelled waiter cancels it
