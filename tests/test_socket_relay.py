@@ -8,9 +8,11 @@ exactly when the test says.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import socket
 import struct
+import termios
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,6 +82,11 @@ async def read_to_eof(sock: socket.socket) -> bytes:
     return bytes(got)
 
 
+def unread(fd: int) -> int:
+    """Bytes waiting to be read on `fd`."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
 def closed(fd: int, inode: int) -> bool:
     """Whether `fd` no longer refers to the socket `inode` (the number may be reused)."""
     try:
@@ -128,7 +135,7 @@ async def test_the_app_leaving_half_closes_the_server_side_and_waits_for_the_ser
     assert p.gone == ["gone"]
     await asyncio.wait_for(p.relay.client_closed, 10)
     await loop.sock_sendall(p.db, b"late notice")  # read and dropped: nobody to take it
-    await asyncio.sleep(0.05)  # the relay's turn to read it
+    await wait_until(lambda: unread(p.fds[1]) == 0, "the relay to read the late notice")
     assert not p.relay.server_closed.done()  # the server still holds the slot
     p.db.close()
     await asyncio.wait_for(p.relay.server_closed, 10)
