@@ -14,6 +14,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/epoll.h>
+#endif
 
 #define MAX_STARTUP_BODY (64 * 1024)
 
@@ -441,16 +444,20 @@ static PyType_Spec Pump_spec = {
 
 /* -- Conduit: one end of a session relayed on its sockets themselves (relay.SocketRelay).
  *
- * The event loop calls `readable` when its socket has data: it reads it chunk by
- * chunk, counts each, shows it to the observer and sends it to the peer end's socket.
- * Only what the peer's socket does not take at once is buffered, in `pending`;
- * the owner (the SocketRelay) then stops reading the other side until `writable`
- * has sent it. Every rare turn (end of stream, an error, a full or drained
- * buffer, an observer that failed) is a call of one of the owner's methods. */
+ * A Poller (below) calls it when its socket has data: it reads a chunk, counts it,
+ * shows it to the observer and sends it to the peer end's socket. Only what the
+ * peer's socket does not take at once is buffered, in `pending`; the owner (the
+ * SocketRelay) then stops reading the other side until the Poller finds the peer
+ * writable and the rest is sent. Every rare turn (end of stream, an error, a full
+ * or drained buffer, an observer that failed) is a call of one of the owner's
+ * methods. Built on Linux only (epoll); elsewhere relay.Relay does the work. */
 
+#ifdef __linux__
 #define CHUNK (256 * 1024) /* read at most this much per recv, as uvloop's transports */
 static char chunk[CHUNK];  /* one for all: a chunk is sent on before the next read */
-static PyObject *str_lost, *str_blocked, *str_drained, *str_fault, *str_rearm;
+static PyObject *str_lost, *str_blocked, *str_drained, *str_fault;
+
+struct Poller;
 
 typedef struct Conduit {
     PyObject_HEAD
@@ -461,8 +468,85 @@ typedef struct Conduit {
     char *pending;       /* bytes the socket did not take yet: pending[sent:size] */
     Py_ssize_t sent, size, capacity;
     long long count;     /* bytes read and sent on */
-    char reading, writing; /* registered with the loop: kept by the owner */
+    char reading, writing; /* what the poller watches for */
+    struct Poller *poller; /* watching this end (holds a reference each way), or NULL */
+    struct Conduit *prev, *next; /* in the poller's list of what it watches */
 } Conduit;
+
+/* An epoll instance of our own, one per event loop, which the loop watches as one
+ * descriptor (relay.poller_for). Why not the loop's add_reader per socket: its
+ * registration costs about 10,000 instructions in uvloop, and on an error event
+ * (data and a reset together) libuv drops the socket after one call, which made
+ * each wakeup read until EAGAIN. Here a wakeup reads what one recv gets, and the
+ * error is seen on the next one, since epoll reports an unread socket again. */
+typedef struct Poller {
+    PyObject_HEAD
+    int fd;             /* the epoll instance; -1: none */
+    Conduit *watched;   /* what it watches: each holds a reference to it, and it to each */
+    Py_ssize_t count;
+} Poller;
+
+static PyTypeObject *conduit_type;
+
+/* Stops watching `c` (with both references: `c` may go unless the caller holds it). */
+static void
+unwatch(Conduit *c)
+{
+    Poller *p = c->poller;
+    if (p == NULL)
+        return;
+    if (p->fd >= 0 && c->fd >= 0)
+        epoll_ctl(p->fd, EPOLL_CTL_DEL, c->fd, NULL); /* fails only if it is gone already */
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        p->watched = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    c->poller = NULL;
+    c->reading = c->writing = 0;
+    p->count--;
+    Py_DECREF(p);
+    Py_DECREF(c);
+}
+
+static int
+watch(Poller *p, Conduit *c, int read, int write)
+{
+    if (c->poller != NULL && c->poller != p) {
+        PyErr_SetString(PyExc_ValueError, "the Conduit is watched by another Poller");
+        return -1;
+    }
+    if (!read && !write) {
+        unwatch(c);
+        return 0;
+    }
+    if (c->poller != NULL && c->reading == read && c->writing == write)
+        return 0;
+    if (c->fd < 0 || p->fd < 0) {
+        PyErr_SetString(PyExc_ValueError, c->fd < 0 ? "the Conduit is closed" : "the Poller is closed");
+        return -1;
+    }
+    struct epoll_event ev = {.events = (read ? EPOLLIN : 0) | (write ? EPOLLOUT : 0), .data.ptr = c};
+    if (epoll_ctl(p->fd, c->poller != NULL ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, c->fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (c->poller == NULL) {
+        Py_INCREF(p);
+        Py_INCREF(c);
+        c->poller = p;
+        c->next = p->watched;
+        if (p->watched != NULL)
+            p->watched->prev = c;
+        p->watched = c;
+        p->count++;
+    }
+    c->reading = (char)read;
+    c->writing = (char)write;
+    return 0;
+}
 
 static PyObject *
 Conduit_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -504,12 +588,14 @@ Conduit_traverse(Conduit *self, visitproc visit, void *arg)
     Py_VISIT(self->peer);
     Py_VISIT(self->owner);
     Py_VISIT(self->observer);
+    Py_VISIT((PyObject *)self->poller);
     return 0;
 }
 
 static int
 Conduit_clear(Conduit *self)
 {
+    unwatch(self);
     Py_CLEAR(self->peer);
     Py_CLEAR(self->owner);
     Py_CLEAR(self->observer);
@@ -558,6 +644,23 @@ tell_errno(Conduit *self, int error)
         return NULL;
     PyObject *r = tell(self, str_lost, code);
     Py_DECREF(code);
+    return r;
+}
+
+/* owner._fault(self, exception), with the exception raised meanwhile: the owner
+ * reports it and ends the session. */
+static PyObject *
+tell_fault(Conduit *self)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    PyObject *r = tell(self, str_fault, value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
     return r;
 }
 
@@ -621,18 +724,8 @@ pass_on(Conduit *self, Py_ssize_t n)
             return NULL;
         int rc = call_with(self->observer, data);
         Py_DECREF(data);
-        if (rc < 0) {
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            PyErr_NormalizeException(&type, &value, &tb);
-            if (tb != NULL)
-                PyException_SetTraceback(value, tb);
-            PyObject *r = tell(self, str_fault, value);
-            Py_XDECREF(type);
-            Py_XDECREF(value);
-            Py_XDECREF(tb);
-            return r;
-        }
+        if (rc < 0)
+            return tell_fault(self);
         peer = self->peer; /* the observer may have ended the session */
         if (peer == NULL)
             Py_RETURN_NONE;
@@ -643,20 +736,16 @@ pass_on(Conduit *self, Py_ssize_t n)
     return r;
 }
 
-/* Reads until the socket has nothing more (EAGAIN), ends, fails, or the peer's socket
- * is full. Why not one read per wakeup: when data and a reset arrive together, uvloop
- * calls the reader once for the error and then drops the registration (libuv's POLLERR
- * path), so whatever this call leaves unread would never be read, nor the end seen.
- * After MAX_READS chunks the owner registers the socket afresh and the loop goes on.
- * `reading` is the owner's: it stops the loop when the owner stops reading this side. */
-#define MAX_READS 16
+/* Reads a chunk and passes it on; more only while each read fills the buffer, up to
+ * MAX_READS (then the others' turn). It stops at EAGAIN, the end, an error, or a
+ * full peer socket. A short read is taken as all there was: if more came meanwhile,
+ * or an error, the poller reports the socket again on its next wakeup. */
+#define MAX_READS 4
 
 static PyObject *
-Conduit_readable(Conduit *self, PyObject *Py_UNUSED(ignored))
+readable(Conduit *self)
 {
-    for (int reads = 0; self->fd >= 0 && self->reading; reads++) {
-        if (reads == MAX_READS)
-            return tell(self, str_rearm, NULL);
+    for (int reads = 0; reads < MAX_READS && self->fd >= 0 && self->reading; reads++) {
         ssize_t n = recv(self->fd, chunk, CHUNK, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR)
@@ -667,20 +756,22 @@ Conduit_readable(Conduit *self, PyObject *Py_UNUSED(ignored))
         }
         if (n == 0)
             return tell_errno(self, 0);
-        if (self->peer == NULL)
-            continue; /* the other side is gone: read only to see this one close */
-        PyObject *r = pass_on(self, n);
-        if (r == NULL)
-            return NULL;
-        Py_DECREF(r);
-        if (self->peer != NULL && self->peer->size > self->peer->sent)
-            break; /* the peer's socket is full: reading waits for it */
+        if (self->peer != NULL) { /* else the other side is gone: read only to see this one close */
+            PyObject *r = pass_on(self, n);
+            if (r == NULL)
+                return NULL;
+            Py_DECREF(r);
+            if (self->peer != NULL && self->peer->size > self->peer->sent)
+                break; /* the peer's socket is full: reading waits for it */
+        }
+        if (n < CHUNK)
+            break;
     }
     Py_RETURN_NONE;
 }
 
 static PyObject *
-Conduit_writable(Conduit *self, PyObject *Py_UNUSED(ignored))
+writable(Conduit *self)
 {
     while (self->fd >= 0 && self->sent < self->size) {
         ssize_t w = send(self->fd, self->pending + self->sent, self->size - self->sent,
@@ -737,6 +828,7 @@ static PyObject *
 Conduit_close(Conduit *self, PyObject *Py_UNUSED(ignored))
 {
     drop_pending(self);
+    unwatch(self);
     if (self->fd >= 0) {
         close(self->fd);
         self->fd = -1;
@@ -758,9 +850,6 @@ Conduit_get_buffered(Conduit *self, void *closure)
 }
 
 static PyMethodDef Conduit_methods[] = {
-    {"readable", (PyCFunction)Conduit_readable, METH_NOARGS,
-     "Read a chunk, count it, show it to the observer, send it to the peer end."},
-    {"writable", (PyCFunction)Conduit_writable, METH_NOARGS, "Send what is buffered."},
     {"send", (PyCFunction)Conduit_send, METH_O, "Send bytes of our own on this end."},
     {"link", (PyCFunction)Conduit_link, METH_O, "Where what is read goes (None: dropped)."},
     {"drop", (PyCFunction)Conduit_drop, METH_NOARGS, "Forget what is buffered."},
@@ -774,8 +863,8 @@ static PyMemberDef Conduit_members[] = {
     {"fd", T_INT, offsetof(Conduit, fd), READONLY, "the socket, -1 once closed"},
     {"count", T_LONGLONG, offsetof(Conduit, count), READONLY, "bytes read and sent on"},
     {"observer", T_OBJECT, offsetof(Conduit, observer), 0, "sees each chunk before it is sent on, or None"},
-    {"reading", T_BOOL, offsetof(Conduit, reading), 0, "registered for reading (the owner's note)"},
-    {"writing", T_BOOL, offsetof(Conduit, writing), 0, "registered for writing (the owner's note)"},
+    {"reading", T_BOOL, offsetof(Conduit, reading), READONLY, "watched for reading"},
+    {"writing", T_BOOL, offsetof(Conduit, writing), READONLY, "watched for writing"},
     {NULL},
 };
 
@@ -804,15 +893,156 @@ static PyType_Spec Conduit_spec = {
     .slots = Conduit_slots,
 };
 
+/* -- Poller: the Conduits' epoll instance; the loop calls `dispatch` when it is readable. */
+
+static PyObject *
+Poller_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Poller *self = (Poller *)PyType_GenericNew(type, args, kwds);
+    if (self == NULL)
+        return NULL;
+    self->fd = epoll_create1(EPOLL_CLOEXEC);
+    if (self->fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
 static int
+Poller_traverse(Poller *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    for (Conduit *c = self->watched; c != NULL; c = c->next)
+        Py_VISIT((PyObject *)c);
+    return 0;
+}
+
+static int
+Poller_clear(Poller *self)
+{
+    while (self->watched != NULL)
+        unwatch(self->watched);
+    return 0;
+}
+
+static void
+Poller_dealloc(Poller *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Poller_clear(self);
+    if (self->fd >= 0)
+        close(self->fd);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+static PyObject *
+Poller_watch(Poller *self, PyObject *args)
+{
+    PyObject *c;
+    int read, write;
+    if (!PyArg_ParseTuple(args, "O!pp:watch", conduit_type, &c, &read, &write))
+        return NULL;
+    if (watch(self, (Conduit *)c, read, write) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+#define EVENTS 64
+
+/* Serves what is ready. Where the owner's handling of an event raises, its `_fault`
+ * ends that session (else the event, unhandled, would come back at every wakeup);
+ * where that raises too, the socket is closed and the error goes to
+ * sys.unraisablehook. The other sockets are served all the same. */
+static PyObject *
+Poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
+{
+    struct epoll_event ev[EVENTS];
+    if (self->fd < 0)
+        Py_RETURN_NONE;
+    int n = epoll_wait(self->fd, ev, EVENTS, 0);
+    if (n < 0)
+        return errno == EINTR ? Py_NewRef(Py_None) : PyErr_SetFromErrno(PyExc_OSError);
+    for (int i = 0; i < n; i++)
+        Py_INCREF((PyObject *)ev[i].data.ptr); /* one may end another's session meanwhile */
+    for (int i = 0; i < n; i++) {
+        Conduit *c = ev[i].data.ptr;
+        uint32_t e = ev[i].events;
+        PyObject *r = Py_NewRef(Py_None);
+        if (c->poller == self && c->reading && (e & (EPOLLIN | EPOLLERR | EPOLLHUP)))
+            Py_SETREF(r, readable(c));
+        if (r != NULL && c->poller == self && c->writing && (e & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
+            Py_SETREF(r, writable(c));
+        if (r == NULL)
+            r = tell_fault(c);
+        if (r == NULL) {
+            PyErr_WriteUnraisable((PyObject *)c);
+            Py_XDECREF(Conduit_close(c, NULL));
+        }
+        Py_XDECREF(r);
+    }
+    for (int i = 0; i < n; i++)
+        Py_DECREF((PyObject *)ev[i].data.ptr);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Poller_close(Poller *self, PyObject *Py_UNUSED(ignored))
+{
+    Poller_clear(self);
+    if (self->fd >= 0) {
+        close(self->fd);
+        self->fd = -1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Poller_methods[] = {
+    {"watch", (PyCFunction)Poller_watch, METH_VARARGS,
+     "watch(conduit, read, write): what to watch its socket for (neither: stop watching it)."},
+    {"dispatch", (PyCFunction)Poller_dispatch, METH_NOARGS,
+     "Read and send on every socket that is ready; the loop calls it when `fd` is readable."},
+    {"close", (PyCFunction)Poller_close, METH_NOARGS, "Stop watching everything; close the epoll instance."},
+    {NULL},
+};
+
+static PyMemberDef Poller_members[] = {
+    {"fd", T_INT, offsetof(Poller, fd), READONLY, "the epoll instance, -1 once closed"},
+    {"watching", T_PYSSIZET, offsetof(Poller, count), READONLY, "how many Conduits it watches"},
+    {NULL},
+};
+
+static PyType_Slot Poller_slots[] = {
+    {Py_tp_doc, "The relayed sockets' epoll instance, one per event loop (see relay.poller_for)."},
+    {Py_tp_new, Poller_new},
+    {Py_tp_dealloc, Poller_dealloc},
+    {Py_tp_traverse, Poller_traverse},
+    {Py_tp_clear, Poller_clear},
+    {Py_tp_methods, Poller_methods},
+    {Py_tp_members, Poller_members},
+    {0, NULL},
+};
+
+static PyType_Spec Poller_spec = {
+    .name = "slotproxy._walker.Poller",
+    .basicsize = sizeof(Poller),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = Poller_slots,
+};
+#endif /* __linux__ */
+
+static PyObject *
 add_type(PyObject *module, PyType_Spec *spec, const char *name)
 {
     PyObject *type = PyType_FromModuleAndSpec(module, spec, NULL);
     if (type == NULL)
-        return -1;
+        return NULL;
     int rc = PyModule_AddObjectRef(module, name, type);
     Py_DECREF(type);
-    return rc;
+    return rc < 0 ? NULL : type; /* borrowed: the module holds it */
 }
 
 static int
@@ -825,16 +1055,20 @@ walker_exec(PyObject *module)
         client_kind[(unsigned char)*c] = BATCH;
     client_kind['S'] = SYNC;
     client_kind['X'] = TERMINATE;
+    if (!add_type(module, &Walker_spec, "Walker") || !add_type(module, &Pump_spec, "Pump"))
+        return -1;
+#ifdef __linux__
     str_lost = PyUnicode_InternFromString("_lost");
     str_blocked = PyUnicode_InternFromString("_blocked");
     str_drained = PyUnicode_InternFromString("_drained");
     str_fault = PyUnicode_InternFromString("_fault");
-    str_rearm = PyUnicode_InternFromString("_rearm");
-    if (!str_lost || !str_blocked || !str_drained || !str_fault || !str_rearm)
+    if (!str_lost || !str_blocked || !str_drained || !str_fault)
         return -1;
-    if (add_type(module, &Walker_spec, "Walker") < 0 || add_type(module, &Pump_spec, "Pump") < 0)
+    conduit_type = (PyTypeObject *)add_type(module, &Conduit_spec, "Conduit");
+    if (conduit_type == NULL || !add_type(module, &Poller_spec, "Poller"))
         return -1;
-    return add_type(module, &Conduit_spec, "Conduit");
+#endif
+    return 0;
 }
 
 static PyModuleDef_Slot walker_module_slots[] = {

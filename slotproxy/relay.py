@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -55,11 +56,22 @@ try:
 except ImportError:  # installed without a C compiler
     CompiledPump = None
 try:
-    from ._walker import Conduit
-except ImportError:
-    Conduit = None
+    from ._walker import Conduit, Poller
+except ImportError:  # no compiler, or not Linux (epoll)
+    Conduit = Poller = None
 DEFAULT_PUMP: type = CompiledPump or PyPump  # what transport relays use
 SOCKETS = Conduit is not None  # whether open_relay may take the sockets over
+
+_POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+
+
+def poller_for(loop: asyncio.AbstractEventLoop) -> Any:
+    """The loop's Poller for relayed sockets: the loop watches its one descriptor."""
+    poller = _POLLERS.get(loop)
+    if poller is None:
+        poller = _POLLERS[loop] = Poller()
+        loop.add_reader(poller.fd, poller.dispatch)
+    return poller
 
 
 def _halves(pump: type) -> tuple[type, type]:
@@ -244,22 +256,23 @@ class Relay:
 class SocketRelay:
     """The Relay contract on the two sockets themselves (both plain: no TLS).
 
-    The loop calls a C `Conduit` when its socket is readable; it reads a chunk,
-    shows it to the observer and sends it to the other socket. Compared with two
-    transports, no protocol call or write queue sits in between, and uvloop
-    takes the GIL once per chunk instead of twice: 44% fewer instructions per
-    relayed query (callgrind). Only what a socket does not take at once
-    is buffered, and reading the other side stops until it is sent. Endings are
-    as in Relay.
+    Each socket is a C `Conduit`, watched by the loop's `Poller` (an epoll
+    instance of its own). When a socket is readable it reads a chunk, shows it
+    to the observer and sends it to the other socket. Compared with two
+    transports, no protocol call or write queue sits in between, and the GIL is
+    taken once per wakeup of all ready sockets, not twice per chunk. Only what a
+    socket does not take at once is buffered, and reading the other side stops
+    until it is sent. Endings are as in Relay.
     """
 
     __slots__ = ("_client_closing", "_client_left", "_eof_to_server", "_on_client_gone",
-                 "client", "client_closed", "loop", "server", "server_closed")
+                 "client", "client_closed", "loop", "poller", "server", "server_closed")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client_fd: int, server_fd: int, *,
                  client_observer: Observer | None = None, server_observer: Observer | None = None,
                  on_client_gone: Callable[[], None] | None = None) -> None:
         self.loop = loop
+        self.poller = poller_for(loop)
         self.server_closed: asyncio.Future[None] = loop.create_future()
         self.client_closed: asyncio.Future[None] = loop.create_future()
         self._on_client_gone = on_client_gone
@@ -361,20 +374,12 @@ class SocketRelay:
     def _drained(self, end: Any) -> None:
         self._sync()
 
-    def _rearm(self, end: Any) -> None:
-        """`end` read its fill in one wakeup: register it afresh, in case uvloop dropped it.
-
-        Both ways, so that uvloop makes a new poll: a dying one keeps neither."""
-        read, write = end.reading, end.writing
-        self._unwatch(end)
-        self._watch(end, read, write)
-
     def _fault(self, end: Any, error: BaseException) -> None:
-        self.loop.call_exception_handler({"message": "relay observer failed; session closed",
+        self.loop.call_exception_handler({"message": "relay failed; session closed",
                                           "exception": error})
         self.close()
 
-    # -- the state, and what the loop is asked to watch ------------------------------
+    # -- the state, and what the poller is asked to watch ----------------------------
 
     def _client_gone(self) -> None:
         if self._client_left:
@@ -392,8 +397,7 @@ class SocketRelay:
     def _lose_server(self) -> None:
         if self.server.fd < 0:  # closed already: the server's end is only ever closed here
             return
-        self._unwatch(self.server)
-        self.server.close()
+        self.server.close()  # the poller stops watching it
         if not self.server_closed.done():  # a cancelled waiter cancels it
             self.server_closed.set_result(None)
         # Stops reading the client; sends what it is owed (such as the server's FATAL), then closes.
@@ -403,7 +407,6 @@ class SocketRelay:
     def _sync(self) -> None:
         client, server = self.client, self.server
         if self._client_closing and client.fd >= 0 and not client.buffered:
-            self._unwatch(client)
             client.close()
             self._client_gone()
             if not self.client_closed.done():
@@ -412,27 +415,9 @@ class SocketRelay:
             self._eof_to_server = False
             server.shutdown()
         if client.fd >= 0:
-            self._watch(client, not self._client_closing and not server.buffered, client.buffered > 0)
+            self.poller.watch(client, not self._client_closing and not server.buffered, client.buffered > 0)
         if server.fd >= 0:
-            self._watch(server, self._client_left or not client.buffered, server.buffered > 0)
-
-    def _watch(self, end: Any, read: bool, write: bool) -> None:
-        loop = self.loop
-        if end.reading != read:
-            if read:
-                loop.add_reader(end.fd, end.readable)
-            else:
-                loop.remove_reader(end.fd)
-            end.reading = read  # only once the loop took it
-        if end.writing != write:
-            if write:
-                loop.add_writer(end.fd, end.writable)
-            else:
-                loop.remove_writer(end.fd)
-            end.writing = write
-
-    def _unwatch(self, end: Any) -> None:
-        self._watch(end, False, False)
+            self.poller.watch(server, self._client_left or not client.buffered, server.buffered > 0)
 
 
 _IGNORED = asyncio.Protocol()  # for a transport whose socket a SocketRelay took over
