@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     spawn.add_argument("--spawn-targets", metavar="LIST", default=None,
                        help=f"which, in this order (default {','.join(KINDS)}; PgBouncer only if installed; "
                             "add forwarder, a bare uvloop forwarder, for the floor of a transport relay "
-                            "in pgbench and relay)")
+                            "in pgbench and relay; add pgbouncer-unpooled, PgBouncer opening a server "
+                            "session per client as slotproxy does, the peer for pgbench -C)")
     spawn.add_argument("--max-connections", type=int, default=20, help="the server's (default 20)")
     spawn.add_argument("--reserved", type=int, default=3,
                        help="its superuser_reserved_connections (default 3)")

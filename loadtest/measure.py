@@ -124,6 +124,9 @@ async def waiters(ctx: Context) -> dict[str, Any]:
         if target.kind == "forwarder":
             results.append({"target": target.name, "skipped": "a bare forwarder has no queue: nobody waits"})
             continue
+        if target.kind == "pgbouncer-unpooled":
+            results.append({"target": target.name, "skipped": "the same queue as pgbouncer's"})
+            continue
         if target.pid is None or target.name not in ctx.slots:
             results.append({"target": target.name,
                             "skipped": "its process and slots are unknown (--spawn, or --pid and --slots)"})

@@ -263,12 +263,15 @@ class PgBouncerProcess(Child):
     @classmethod
     async def start(cls, workdir: Path, backend: tuple[str, int], port: int, *, pool_size: int,
                     users: list[str], max_clients: int, query_wait_timeout: float,
-                    wrap: Sequence[str] = (), ready_timeout: float = 20) -> PgBouncerProcess:
+                    unpooled: bool = False, wrap: Sequence[str] = (),
+                    ready_timeout: float = 20) -> PgBouncerProcess:
+        """`unpooled`: every client gets a server session of its own, closed when it leaves,
+        as with slotproxy or a direct connection (server_lifetime = 0)."""
         binary = pgbouncer_binary()
         if binary is None:
             raise UsageError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
         account = server_account()
-        home = workdir / "pgbouncer"
+        home = workdir / ("pgbouncer-unpooled" if unpooled else "pgbouncer")
         home.mkdir(exist_ok=True)
         log = home / "pgbouncer.log"
         # auth_type=trust still wants every user listed in the auth_file.
@@ -299,7 +302,8 @@ ignore_startup_parameters = extra_float_digits,options
 log_connections = 0
 log_disconnections = 0
 admin_users = postgres
-""")
+""" + ("; close a server session once its client leaves; nothing to reset then\n"
+       "server_lifetime = 0\nserver_reset_query =\n" if unpooled else ""))
         if account is not None:
             for path in (home, *home.iterdir()):
                 os.chown(path, account.pw_uid, account.pw_gid)

@@ -94,7 +94,7 @@ def sessions_table(section: dict[str, Any]) -> str:
     for r in results:
         for m, n in r["messages"].items():
             messages[f"{r['target']}: {m}"] = n
-    if any(r.get("kind") == "pgbouncer" for r in results):
+    if any(r.get("kind") in ("pgbouncer", "pgbouncer-unpooled") for r in results):
         text += ("\nPgBouncer logs clients in itself: they wait for a server at their first query, "
                  "so compare 'first answer' (connect call to first result) there.")
     if messages:

@@ -31,9 +31,11 @@ from .targets import Target, UsageError
 
 APP_ROLE = "app"
 KINDS = ("direct", "slotproxy", "pgbouncer")
-# Only when named in --spawn-targets: the floor of a transport relay, for pgbench and relay.
-# It has no queue, so the scenarios that exhaust slots see the server's refusals through it.
-OPTIONAL_KINDS = ("forwarder",)
+# Only when named in --spawn-targets. forwarder: the floor of a transport relay, for pgbench
+# and relay; it has no queue, so the scenarios that exhaust slots see the server's refusals
+# through it. pgbouncer-unpooled: PgBouncer opening a server session per client, as slotproxy
+# does: the like-for-like peer with a new connection per transaction (pgbench -C).
+OPTIONAL_KINDS = ("forwarder", "pgbouncer-unpooled")
 SETTLE_TIMEOUT = 30.0
 
 T = TypeVar("T")
@@ -110,7 +112,7 @@ class Environment:
             if kind not in KINDS + OPTIONAL_KINDS:
                 raise UsageError(f"--spawn-targets: unknown target {kind!r} "
                                  f"(choose from {', '.join(KINDS + OPTIONAL_KINDS)})")
-        want_bouncer = "pgbouncer" in opts.kinds
+        want_bouncer = "pgbouncer" in opts.kinds or "pgbouncer-unpooled" in opts.kinds
         if want_bouncer and pgbouncer_binary() is None:
             if opts.kinds_given:
                 raise UsageError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
@@ -141,13 +143,13 @@ class Environment:
                 forwarder = await ForwarderProcess.start(self.workdir, backend)
                 self.children.append(forwarder)
                 self.targets.append(Target("forwarder", _dsn(forwarder.port), "forwarder", forwarder.pid))
-            elif want_bouncer:
+            elif want_bouncer:  # pgbouncer, pgbouncer-unpooled
                 bouncer = await PgBouncerProcess.start(
                     self.workdir, backend, free_port(), pool_size=opts.slots,
                     users=[APP_ROLE, SUPERUSER], max_clients=opts.max_queue + opts.slots + 100,
-                    query_wait_timeout=opts.queue_timeout)
+                    query_wait_timeout=opts.queue_timeout, unpooled=kind == "pgbouncer-unpooled")
                 self.children.append(bouncer)
-                self.targets.append(Target("pgbouncer", _dsn(bouncer.port), "pgbouncer", bouncer.pid))
+                self.targets.append(Target(kind, _dsn(bouncer.port), kind, bouncer.pid))
 
     def describe(self) -> dict[str, Any]:
         opts = self.options

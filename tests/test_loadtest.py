@@ -234,6 +234,25 @@ async def test_relay_reads_the_whole_result_through_every_target(spawn: Any) -> 
     assert table_row(render(section), "MiB/s")[0] == f"{section['results'][0]['mib_per_s_median']:,.1f}"
 
 
+@pytest.mark.skipif(pgbouncer_binary() is None, reason="pgbouncer is not installed")
+async def test_unpooled_pgbouncer_gives_each_client_a_server_session_of_its_own(spawn: Any) -> None:
+    env = await spawn(kinds=("direct", "pgbouncer", "pgbouncer-unpooled"))
+    ctx = context(env, waiters=10)
+    pids = {}
+    for target in env.targets[1:]:
+        seen = []
+        for _ in range(3):  # one after another: a pool would hand the same session on
+            conn = await asyncpg.connect(target.dsn, timeout=10)
+            seen.append(await conn.fetchval("select pg_backend_pid()"))
+            await conn.close()
+        pids[target.kind] = seen
+    assert len(set(pids["pgbouncer"])) == 1
+    assert len(set(pids["pgbouncer-unpooled"])) == 3
+    waiting = by_target(await waiters(ctx))
+    assert waiting["pgbouncer-unpooled"]["skipped"] == "the same queue as pgbouncer's"
+    assert waiting["pgbouncer"]["waiting"] == 10
+
+
 @pytest.mark.skipif(callgrind.valgrind_binaries() is None, reason="valgrind is not installed")
 async def test_instructions_counts_each_proxy_per_connection_and_per_transaction(spawn: Any) -> None:
     env = await spawn(kinds=("direct", "slotproxy", *(("pgbouncer",) if pgbouncer_binary() else ())))
