@@ -454,7 +454,6 @@ static PyType_Spec Pump_spec = {
 
 #ifdef __linux__
 #define CHUNK (256 * 1024) /* read at most this much per recv, as uvloop's transports */
-static char chunk[CHUNK];  /* one for all: a chunk is sent on before the next read */
 static PyObject *str_lost, *str_blocked, *str_drained, *str_fault;
 
 struct Poller;
@@ -477,13 +476,16 @@ typedef struct Conduit {
  * descriptor (relay.poller_for). Why not the loop's add_reader per socket: its
  * registration costs about 10,000 instructions in uvloop, and on an error event
  * (data and a reset together) libuv drops the socket after one call, which made
- * each wakeup read until EAGAIN. Here a wakeup reads what one recv gets, and the
- * error is seen on the next one, since epoll reports an unread socket again. */
+ * each wakeup read until EAGAIN. Here a wakeup reads until a short read (epoll is
+ * level-triggered: what is left, or an error, is reported again on the next one). */
 typedef struct Poller {
     PyObject_HEAD
     int fd;             /* the epoll instance; -1: none */
     Conduit *watched;   /* what it watches: each holds a reference to it, and it to each */
     Py_ssize_t count;
+    char *chunk;        /* CHUNK bytes: each chunk is sent on before the next read. Its own,
+                           as an observer may let another thread's loop run meanwhile. */
+    PyObject *weakrefs; /* relay.poller_for keeps it weakly: the loop's reader owns it */
 } Poller;
 
 static PyTypeObject *conduit_type;
@@ -714,7 +716,7 @@ put(Conduit *self, const char *data, Py_ssize_t n)
 
 /* One chunk: count it, show it to the observer, send it on. */
 static PyObject *
-pass_on(Conduit *self, Py_ssize_t n)
+pass_on(Conduit *self, const char *chunk, Py_ssize_t n)
 {
     Conduit *peer = self->peer;
     self->count += n;
@@ -736,14 +738,14 @@ pass_on(Conduit *self, Py_ssize_t n)
     return r;
 }
 
-/* Reads a chunk and passes it on; more only while each read fills the buffer, up to
- * MAX_READS (then the others' turn). It stops at EAGAIN, the end, an error, or a
+/* Reads a chunk into `chunk` and passes it on; more only while each read fills it, up
+ * to MAX_READS (then the others' turn). It stops at EAGAIN, the end, an error, or a
  * full peer socket. A short read is taken as all there was: if more came meanwhile,
  * or an error, the poller reports the socket again on its next wakeup. */
 #define MAX_READS 4
 
 static PyObject *
-readable(Conduit *self)
+readable(Conduit *self, char *chunk)
 {
     for (int reads = 0; reads < MAX_READS && self->fd >= 0 && self->reading; reads++) {
         ssize_t n = recv(self->fd, chunk, CHUNK, MSG_DONTWAIT);
@@ -757,7 +759,7 @@ readable(Conduit *self)
         if (n == 0)
             return tell_errno(self, 0);
         if (self->peer != NULL) { /* else the other side is gone: read only to see this one close */
-            PyObject *r = pass_on(self, n);
+            PyObject *r = pass_on(self, chunk, n);
             if (r == NULL)
                 return NULL;
             Py_DECREF(r);
@@ -901,6 +903,12 @@ Poller_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Poller *self = (Poller *)PyType_GenericNew(type, args, kwds);
     if (self == NULL)
         return NULL;
+    self->fd = -1;
+    self->chunk = PyMem_Malloc(CHUNK);
+    if (self->chunk == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
     self->fd = epoll_create1(EPOLL_CLOEXEC);
     if (self->fd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -932,9 +940,12 @@ Poller_dealloc(Poller *self)
 {
     PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
+    if (self->weakrefs != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
     Poller_clear(self);
     if (self->fd >= 0)
         close(self->fd);
+    PyMem_Free(self->chunk);
     type->tp_free((PyObject *)self);
     Py_DECREF(type);
 }
@@ -955,8 +966,9 @@ Poller_watch(Poller *self, PyObject *args)
 
 /* Serves what is ready. Where the owner's handling of an event raises, its `_fault`
  * ends that session (else the event, unhandled, would come back at every wakeup);
- * where that raises too, the socket is closed and the error goes to
- * sys.unraisablehook. The other sockets are served all the same. */
+ * where that raises too, both its sockets are closed and the error goes to
+ * sys.unraisablehook. The other sockets are served all the same. Only what is not
+ * an Exception (KeyboardInterrupt, SystemExit) stops the batch and is raised. */
 static PyObject *
 Poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
 {
@@ -968,24 +980,40 @@ Poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
         return errno == EINTR ? Py_NewRef(Py_None) : PyErr_SetFromErrno(PyExc_OSError);
     for (int i = 0; i < n; i++)
         Py_INCREF((PyObject *)ev[i].data.ptr); /* one may end another's session meanwhile */
-    for (int i = 0; i < n; i++) {
+    int stop = 0;
+    for (int i = 0; i < n && !stop; i++) {
         Conduit *c = ev[i].data.ptr;
         uint32_t e = ev[i].events;
         PyObject *r = Py_NewRef(Py_None);
         if (c->poller == self && c->reading && (e & (EPOLLIN | EPOLLERR | EPOLLHUP)))
-            Py_SETREF(r, readable(c));
+            Py_SETREF(r, readable(c, self->chunk));
         if (r != NULL && c->poller == self && c->writing && (e & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
             Py_SETREF(r, writable(c));
+        if (r == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            stop = 1;
+            continue;
+        }
         if (r == NULL)
             r = tell_fault(c);
+        if (r == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            stop = 1;
+            continue;
+        }
         if (r == NULL) {
             PyErr_WriteUnraisable((PyObject *)c);
+            Conduit *peer = c->peer;
+            Py_XINCREF(peer);
             Py_XDECREF(Conduit_close(c, NULL));
+            if (peer != NULL)
+                Py_XDECREF(Conduit_close(peer, NULL));
+            Py_XDECREF(peer);
         }
         Py_XDECREF(r);
     }
     for (int i = 0; i < n; i++)
         Py_DECREF((PyObject *)ev[i].data.ptr);
+    if (stop)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1012,6 +1040,7 @@ static PyMethodDef Poller_methods[] = {
 static PyMemberDef Poller_members[] = {
     {"fd", T_INT, offsetof(Poller, fd), READONLY, "the epoll instance, -1 once closed"},
     {"watching", T_PYSSIZET, offsetof(Poller, count), READONLY, "how many Conduits it watches"},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(Poller, weakrefs), READONLY},
     {NULL},
 };
 

@@ -62,15 +62,20 @@ except ImportError:  # no compiler, or not Linux (epoll)
 DEFAULT_PUMP: type = CompiledPump or PyPump  # what transport relays use
 SOCKETS = Conduit is not None  # whether open_relay may take the sockets over
 
-_POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+# Weakly both ways: the loop's reader is what keeps a Poller, so that a loop closed with
+# sessions still relayed frees them (and closes their sockets) with itself.
+_POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[Any]] = \
+    weakref.WeakKeyDictionary()
 
 
 def poller_for(loop: asyncio.AbstractEventLoop) -> Any:
     """The loop's Poller for relayed sockets: the loop watches its one descriptor."""
-    poller = _POLLERS.get(loop)
+    ref = _POLLERS.get(loop)
+    poller = ref() if ref is not None else None
     if poller is None:
-        poller = _POLLERS[loop] = Poller()
+        poller = Poller()
         loop.add_reader(poller.fd, poller.dispatch)
+        _POLLERS[loop] = weakref.ref(poller)
     return poller
 
 
@@ -346,8 +351,10 @@ class SocketRelay:
 
     def close(self) -> None:
         self.server.drop()
-        self.abort_client()
-        self._lose_server()
+        try:
+            self.abort_client()
+        finally:  # whatever on_client_gone does, the server's end closes too
+            self._lose_server()
 
     def detach(self) -> None:
         self._on_client_gone = None
@@ -375,9 +382,11 @@ class SocketRelay:
         self._sync()
 
     def _fault(self, end: Any, error: BaseException) -> None:
-        self.loop.call_exception_handler({"message": "relay failed; session closed",
-                                          "exception": error})
-        self.close()
+        try:
+            self.loop.call_exception_handler({"message": "relay failed; session closed",
+                                              "exception": error})
+        finally:
+            self.close()
 
     # -- the state, and what the poller is asked to watch ----------------------------
 
@@ -395,7 +404,7 @@ class SocketRelay:
             self._on_client_gone()
 
     def _lose_server(self) -> None:
-        if self.server.fd < 0:  # closed already: the server's end is only ever closed here
+        if self.server.fd < 0 and self.server_closed.done():  # lost already
             return
         self.server.close()  # the poller stops watching it
         if not self.server_closed.done():  # a cancelled waiter cancels it

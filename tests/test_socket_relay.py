@@ -247,32 +247,116 @@ class _FailsOnEnd(relay.SocketRelay):
         raise RuntimeError("relay bug")
 
 
-async def test_a_relay_that_fails_is_reported_and_the_others_in_that_wakeup_go_on() -> None:
-    reported: list[dict[str, Any]] = []
+class _FailsTwice(_FailsOnEnd):
+    """... and whose reaction to that fails too."""
+
+    def _fault(self, end: Any, error: BaseException) -> None:
+        raise RuntimeError("fault bug")
+
+
+def relay_between(kind: type, loop: asyncio.AbstractEventLoop, **kwargs: Any
+                  ) -> tuple[Any, socket.socket, socket.socket]:
+    """A started relay of `kind`, with the app's and the server's sockets."""
+    app, proxy_client = socket.socketpair()
+    proxy_server, db = socket.socketpair()
+    for sock in (app, db):
+        sock.setblocking(False)
+    r = kind(loop, proxy_client.detach(), proxy_server.detach(), **kwargs)
+    r.start()
+    return r, app, db
+
+
+async def test_a_relay_that_fails_is_ended_and_reported_and_the_others_in_that_wakeup_go_on() -> None:
     loop = asyncio.get_running_loop()
+    poller = relay.poller_for(loop)
+    reported: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: reported.append(context))
-    socks: list[socket.socket] = []
-    relays = []
+    wakeups: list[int] = []  # the loop's calls of the poller, counted
+    served_in: list[int] = []
+
+    def counting() -> None:
+        wakeups.append(len(wakeups))
+        poller.dispatch()
+
+    def failed_in(self: Any, end: Any, error: BaseException) -> None:
+        served_in.append(len(wakeups))
+        relay.SocketRelay._fault(self, end, error)
+
+    before = poller.watching
+    failing = [relay_between(_FailsOnEnd, loop) for _ in range(2)]
+    for r, _, _ in failing:
+        r._fault = failed_in.__get__(r)  # type: ignore[method-assign]
+    good, app, db = relay_between(relay.SocketRelay, loop,
+                                  client_observer=lambda d: served_in.append(len(wakeups)))
+    loop.remove_reader(poller.fd)
+    loop.add_reader(poller.fd, counting)
     try:
-        for kind in (_FailsOnEnd, _FailsOnEnd, relay.SocketRelay):
-            app, proxy_client = socket.socketpair()
-            proxy_server, db = socket.socketpair()
-            db.setblocking(False)
-            socks += [app, db]
-            relays.append(kind(loop, proxy_client.detach(), proxy_server.detach()))
-            relays[-1].start()
-        socks[0].close()  # both failing relays' apps leave, and the third app sends,
-        socks[2].close()  # before the loop's next wakeup: one dispatch serves all three
-        socks[4].send(b"Q\x00\x00\x00\x05;")
-        assert await read_exactly(socks[5], 6) == b"Q\x00\x00\x00\x05;"
+        for _, failing_app, _ in failing:  # both failing apps leave, and the third app sends,
+            failing_app.close()            # before the loop's next wakeup: one serves all three
+        app.send(b"Q\x00\x00\x00\x05;")
+        assert await read_exactly(db, 6) == b"Q\x00\x00\x00\x05;"
         await wait_until(lambda: len(reported) == 2, "both failures reported")
+        assert len(served_in) == 3 and len(set(served_in)) == 1, f"served in wakeups {served_in}"
+        for r, _, _ in failing:
+            assert r.client_closed.done() and r.server_closed.done()
+        assert poller.watching == before + 2  # the good relay's two ends only
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(reported) == 2  # ended: not reported again at every wakeup
         assert all(isinstance(c["exception"], RuntimeError) for c in reported)
+        assert {c["message"] for c in reported} == {"relay failed; session closed"}
     finally:
+        loop.remove_reader(poller.fd)
+        loop.add_reader(poller.fd, poller.dispatch)
         loop.set_exception_handler(None)
-        for r in relays:
+        for r, a, d in [*failing, (good, app, db)]:
             r.close()
-        for sock in socks:
-            sock.close()
+            a.close()
+            d.close()
+
+
+async def test_a_relay_whose_fault_handling_fails_too_loses_both_sockets(monkeypatch: Any) -> None:
+    loop = asyncio.get_running_loop()
+    unraisable: list[Any] = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    r, app, db = relay_between(_FailsTwice, loop)
+    try:
+        app.close()
+        await wait_until(lambda: unraisable, "the failure reported")
+        assert r.client.fd == -1 and r.server.fd == -1
+        assert await read_to_eof(db) == b""  # the server sees its client go: its slot frees
+        assert str(unraisable[0].exc_value) == "fault bug"
+    finally:
+        r.close()
+        db.close()
+
+
+def test_a_loop_closed_with_sessions_relayed_frees_them_and_their_sockets() -> None:
+    import gc
+
+    import uvloop
+    loop = uvloop.new_event_loop()
+    made: list[Any] = []
+
+    async def open_one() -> None:
+        made.append(relay_between(relay.SocketRelay, asyncio.get_running_loop()))
+
+    loop.run_until_complete(open_one())
+    r, app, db = made.pop()
+    poller = relay.poller_for(loop)
+    assert poller.watching == 2
+    fds, inodes = (r.client.fd, r.server.fd), tuple(os.fstat(fd).st_ino for fd in (r.client.fd, r.server.fd))
+    loop.close()
+    del r, poller, loop
+    gc.collect()
+    try:
+        assert all(map(closed, fds, inodes))
+        app.setblocking(True)
+        db.setblocking(True)
+        assert app.recv(1) == b"" and db.recv(1) == b""
+    finally:
+        app.close()
+        db.close()
 
 
 async def test_closed_relays_leave_the_loops_poller_watching_nothing(pair: Any) -> None:
