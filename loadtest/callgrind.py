@@ -62,8 +62,8 @@ async def instructions(ctx: Context) -> dict[str, Any]:
     await env.prepare_pgbench(k.pgbench_scale)
     assert env.cluster is not None
     backend = (env.cluster.socket_dir if env.options.server_socket else env.cluster.host, env.cluster.port)
-    kinds = ["slotproxy", *(["pgbouncer"] if any(t.kind == "pgbouncer" for t in env.targets) else []),
-             "forwarder"]
+    spawned = {t.kind for t in env.targets}
+    kinds = ["slotproxy", *(k for k in ("pgbouncer", "pgbouncer-unpooled") if k in spawned), "forwarder"]
     workdir = scratch_dir("loadtest-instructions-")
     now = {"what": "starting"}
     try:
@@ -85,7 +85,7 @@ async def _count(ctx: Context, kind: str, backend: tuple[str, int], workdir: Pat
     valgrind, control = binaries
     k = ctx.knobs
     # PgBouncer runs as postgres when we are root: its profile goes where it may write.
-    account = server_account() if kind == "pgbouncer" else None
+    account = server_account() if kind.startswith("pgbouncer") else None
     outdir = workdir / f"callgrind-{kind}"
     outdir.mkdir()
     if account is not None:
@@ -97,10 +97,11 @@ async def _count(ctx: Context, kind: str, backend: tuple[str, int], workdir: Pat
     if kind == "slotproxy":
         proc = await SlotproxyProcess.start(workdir, backend, slots=env_slots(ctx), max_queue=1000,
                                             queue_timeout=120, wrap=wrap, ready_timeout=READY_TIMEOUT)
-    elif kind == "pgbouncer":
+    elif kind.startswith("pgbouncer"):
         proc = await PgBouncerProcess.start(workdir, backend, _free_port(), pool_size=env_slots(ctx),
                                             users=[APP_ROLE], max_clients=1000, query_wait_timeout=120,
-                                            wrap=wrap, ready_timeout=READY_TIMEOUT)
+                                            unpooled=kind == "pgbouncer-unpooled", wrap=wrap,
+                                            ready_timeout=READY_TIMEOUT)
     else:
         proc = await ForwarderProcess.start(workdir, backend, wrap=wrap, ready_timeout=READY_TIMEOUT)
     dsn = f"postgresql://{APP_ROLE}@127.0.0.1:{proc.port}/postgres?sslmode=disable"  # type: ignore[attr-defined]
@@ -180,4 +181,6 @@ def table(section: dict[str, Any]) -> str:
         for key, label in (("per_connection", "per connection"), ("per_transaction", "per transaction"))]
     return grid(title, [r["target"] for r in res], rows) + \
         "\n  counted in the proxy's process, kernel excluded; forwarder: a bare uvloop forwarder, " \
-        "the floor of a transport relay"
+        "the floor of a transport relay" + \
+        ("; pgbouncer reuses server sessions, pgbouncer-unpooled opens one per client as slotproxy does"
+         if any(r["target"] == "pgbouncer-unpooled" for r in res) else "")
