@@ -1010,10 +1010,15 @@ Poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
         }
         Py_XDECREF(r);
     }
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    if (stop)
+        PyErr_Fetch(&type, &value, &tb); /* not set while what the DECREFs free runs */
     for (int i = 0; i < n; i++)
         Py_DECREF((PyObject *)ev[i].data.ptr);
-    if (stop)
+    if (stop) {
+        PyErr_Restore(type, value, tb);
         return NULL;
+    }
     Py_RETURN_NONE;
 }
 

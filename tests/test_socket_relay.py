@@ -331,6 +331,27 @@ async def test_a_relay_whose_fault_handling_fails_too_loses_both_sockets(monkeyp
         db.close()
 
 
+class _Interrupted(relay.SocketRelay):
+    def _lost(self, end: Any, error: int) -> None:
+        raise KeyboardInterrupt
+
+
+async def test_an_interrupt_in_a_relay_is_raised_not_taken_for_its_fault() -> None:
+    import select
+    loop = asyncio.get_running_loop()
+    r, app, db = relay_between(_Interrupted, loop)
+    poller = relay.poller_for(loop)
+    try:
+        app.close()
+        assert select.select([poller.fd], [], [], 10)[0]  # ready; the loop has not run since
+        with pytest.raises(KeyboardInterrupt):
+            poller.dispatch()  # as the loop would call it: the loop then stops, as for any handle
+        assert not r.client_closed.done()  # not ended as a fault would end it
+    finally:
+        r.close()  # before the loop runs again: nothing left for it to raise
+        db.close()
+
+
 def test_a_loop_closed_with_sessions_relayed_frees_them_and_their_sockets() -> None:
     import gc
 
