@@ -480,7 +480,7 @@ typedef struct Conduit {
  * level-triggered: what is left, or an error, is reported again on the next one). */
 typedef struct Poller {
     PyObject_HEAD
-    int fd;             /* the epoll instance; -1: none */
+    int fd;             /* the epoll instance; -1 only while __new__ fails */
     Conduit *watched;   /* what it watches: each holds a reference to it, and it to each */
     Py_ssize_t count;
     char *chunk;        /* CHUNK bytes: each chunk is sent on before the next read. Its own,
@@ -497,7 +497,7 @@ unwatch(Conduit *c)
     Poller *p = c->poller;
     if (p == NULL)
         return;
-    if (p->fd >= 0 && c->fd >= 0)
+    if (c->fd >= 0)
         epoll_ctl(p->fd, EPOLL_CTL_DEL, c->fd, NULL); /* fails only if it is gone already */
     if (c->prev != NULL)
         c->prev->next = c->next;
@@ -526,8 +526,8 @@ watch(Poller *p, Conduit *c, int read, int write)
     }
     if (c->poller != NULL && c->reading == read && c->writing == write)
         return 0;
-    if (c->fd < 0 || p->fd < 0) {
-        PyErr_SetString(PyExc_ValueError, c->fd < 0 ? "the Conduit is closed" : "the Poller is closed");
+    if (c->fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the Conduit is closed");
         return -1;
     }
     struct epoll_event ev = {.events = (read ? EPOLLIN : 0) | (write ? EPOLLOUT : 0), .data.ptr = c};
@@ -973,8 +973,6 @@ static PyObject *
 Poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
 {
     struct epoll_event ev[EVENTS];
-    if (self->fd < 0)
-        Py_RETURN_NONE;
     int n = epoll_wait(self->fd, ev, EVENTS, 0);
     if (n < 0)
         return errno == EINTR ? Py_NewRef(Py_None) : PyErr_SetFromErrno(PyExc_OSError);
@@ -1022,28 +1020,16 @@ Poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-static PyObject *
-Poller_close(Poller *self, PyObject *Py_UNUSED(ignored))
-{
-    Poller_clear(self);
-    if (self->fd >= 0) {
-        close(self->fd);
-        self->fd = -1;
-    }
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef Poller_methods[] = {
     {"watch", (PyCFunction)Poller_watch, METH_VARARGS,
      "watch(conduit, read, write): what to watch its socket for (neither: stop watching it)."},
     {"dispatch", (PyCFunction)Poller_dispatch, METH_NOARGS,
      "Read and send on every socket that is ready; the loop calls it when `fd` is readable."},
-    {"close", (PyCFunction)Poller_close, METH_NOARGS, "Stop watching everything; close the epoll instance."},
     {NULL},
 };
 
 static PyMemberDef Poller_members[] = {
-    {"fd", T_INT, offsetof(Poller, fd), READONLY, "the epoll instance, -1 once closed"},
+    {"fd", T_INT, offsetof(Poller, fd), READONLY, "the epoll instance"},
     {"watching", T_PYSSIZET, offsetof(Poller, count), READONLY, "how many Conduits it watches"},
     {"__weaklistoffset__", T_PYSSIZET, offsetof(Poller, weakrefs), READONLY},
     {NULL},
