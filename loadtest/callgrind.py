@@ -16,7 +16,6 @@ uvloop Protocol forwarder: the floor of a relay on asyncio transports.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from .procs import (
     ForwarderProcess,
     PgBouncerProcess,
     SlotproxyProcess,
+    run_captured,
     scratch_dir,
     server_account,
 )
@@ -36,6 +36,7 @@ from .report import Row, fmt_ratio, grid
 from .spawn import APP_ROLE, pgbench_path
 
 READY_TIMEOUT = 120  # Python under valgrind starts some fifty times slower
+CONTROL_TIMEOUT = 120  # callgrind_control waits for valgrind to take its command up
 PGBENCH_CLIENTS = 4  # sessions of the per-transaction run, counted out of it
 
 
@@ -147,20 +148,14 @@ def _free_port() -> int:
 
 
 async def _pgbench(dsn: str, *args: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        pgbench_path(), "-n", "-S", "-j", "1", *args, dsn, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
+    status, out, _ = await run_captured([pgbench_path(), "-n", "-S", "-j", "1", *args, dsn])
+    if status != 0:
         raise RuntimeError(f"pgbench {' '.join(args)} failed:\n{out.decode(errors='replace')[-600:]}")
 
 
 async def _control(argv: list[str], command: str, pid: int) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, command, str(pid), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await proc.communicate()
-    if proc.returncode != 0 or b"OK" not in out:
+    status, out, _ = await run_captured([*argv, command, str(pid)], CONTROL_TIMEOUT)
+    if status != 0 or b"OK" not in out:
         raise RuntimeError(f"callgrind_control {command} {pid} failed:\n{out.decode(errors='replace')}")
 
 

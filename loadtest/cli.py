@@ -20,7 +20,7 @@ import uvloop
 from .context import DEFAULTS, Context, Knobs
 from .progress import Progress
 from .spawn import KINDS, Environment, SpawnOptions
-from .targets import UsageError, parse_number, parse_target
+from .targets import UsageError, mask_passwords, parse_number, parse_target
 
 SESSION_SCENARIOS = ("burst", "churn", "leak", "external", "restart")
 MEASUREMENTS = ("pgbench", "relay", "waiters", "handoff", "instructions")
@@ -73,7 +73,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--query", default=k.query, help=f"what clients run (default {k.query!r})")
     c.add_argument("--think", type=float, default=k.think, help=f"seconds between queries ({k.think:g})")
     c.add_argument("--connect-timeout", type=float,
-                   help="client connect timeout (default: spawn queue timeout + 10, else 60)")
+                   help="client connect timeout, and each query's (default: spawn queue timeout + 10, "
+                        "else 60)")
     c.add_argument("--clients", type=int, default=k.clients, help=f"burst: clients at once ({k.clients})")
     c.add_argument("--rate", type=float, help=f"clients arriving per second, Poisson ({rates})")
     c.add_argument("--duration", type=float, default=k.duration,
@@ -143,7 +144,13 @@ def knobs_from(args: argparse.Namespace) -> Knobs:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UsageError(f"--{flag.replace('_', '-')}: must be above 0")
-    for flag in ("hold", "think", "leaked", "external", "reserved"):
+    if args.reserved < 1:  # the harness's own checks log in as the superuser, on a reserved slot
+        raise UsageError("--reserved: must be at least 1")
+    if args.proxy_slots is not None and args.proxy_slots < 1:
+        raise UsageError("--proxy-slots: must be at least 1")
+    if args.reserved >= args.max_connections:
+        raise UsageError("--reserved: must be below --max-connections")
+    for flag in ("hold", "think", "leaked", "external"):
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise UsageError(f"--{flag.replace('_', '-')}: must not be negative")
@@ -179,12 +186,11 @@ def spawn_options(args: argparse.Namespace) -> SpawnOptions:
                         server_socket=args.server_socket)
 
 
-async def run(scenarios: list[str], ctx: Context) -> list[dict[str, Any]]:
-    """Run each scenario against every target; return their JSON sections."""
+async def run(scenarios: list[str], ctx: Context, sections: list[dict[str, Any]]) -> None:
+    """Run each scenario against every target; add their JSON sections to `sections` as they end."""
     from . import callgrind, measure, pgbench
     from .scenarios import run_sessions
 
-    sections = []
     for name in scenarios:
         if name in SESSION_SCENARIOS:
             section = await run_sessions(name, ctx)
@@ -195,17 +201,17 @@ async def run(scenarios: list[str], ctx: Context) -> list[dict[str, Any]]:
         else:
             section = await getattr(measure, name)(ctx)
         sections.append(section)
-    return sections
 
 
-def document(args: argparse.Namespace, ctx: Context, sections: list[dict[str, Any]],
+def document(started: datetime.datetime, ctx: Context, sections: list[dict[str, Any]],
              spawned: dict[str, Any] | None, notes: list[str]) -> dict[str, Any]:
     return {
         "harness": "slotproxy loadtest",
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "command": sys.argv[1:],
+        "command": [mask_passwords(a) for a in sys.argv[1:]],
         "spawned": spawned,
         "targets": [{"name": t.name, "dsn": t.shown(), "kind": t.kind, "pid": t.pid} for t in ctx.targets],
         "notes": notes,
@@ -231,19 +237,40 @@ async def main_async(args: argparse.Namespace) -> int:
     json_path = args.json or Path("loadtest-results") / (
         datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S") + ".json")
 
+    started = datetime.datetime.now(datetime.UTC)
+
     async def go(ctx: Context, spawned: dict[str, Any] | None, notes: list[str]) -> int:
+        for name in scenarios:
+            ctx.require(name)
+        for name in pids.keys() | slots.keys():
+            if name not in {t.name for t in ctx.targets}:
+                raise UsageError(f"--pid/--slots {name}: no target has that name")
         for n in notes:
             progress.note(f"note: {n}")
         progress.note("targets: " + ", ".join(f"{t.name} = {t.shown()}" for t in ctx.targets))
-        sections = await run(scenarios, ctx)
-        doc = document(args, ctx, sections, spawned, notes)
+        sections: list[dict[str, Any]] = []
+        try:
+            await run(scenarios, ctx, sections)
+        except BaseException as e:
+            if sections:  # what finished is kept
+                for section in sections:
+                    print("\n" + render(section), flush=True)
+                doc = document(started, ctx, sections, spawned, notes)
+                doc["incomplete"] = (f"{len(sections)} of {len(scenarios)} finished; "
+                                     f"then {type(e).__name__}: {e}")
+                write_json(json_path, doc)
+                print(f"loadtest: the figures of the {len(sections)} that finished: {json_path}",
+                      file=sys.stderr)
+            raise
+        doc = document(started, ctx, sections, spawned, notes)
         for section in sections:
             print("\n" + render(section), flush=True)
+        write_json(json_path, doc)  # first: a failure drawing the pictures loses no figure
         if not args.no_png and any(s["kind"] == "sessions" for s in sections):
             written, why_not = plot.write(sections, args.png_dir or json_path.parent, json_path.stem)
             doc["png"] = [str(p) for p in written]
+            write_json(json_path, doc)
             print("\n" + (f"PNG timelines: {', '.join(str(p) for p in written)}" if written else why_not))
-        write_json(json_path, doc)
         print(f"Every figure: {json_path}")
         return EXIT_OK
 

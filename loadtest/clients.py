@@ -4,9 +4,11 @@ A client connects (the connect wait is measured from the call until the
 session is usable), runs its query, keeps running it for `hold` seconds
 after the first answer, and closes. Hold time counts from the first answer
 because PgBouncer logs a client in itself and makes it wait for a server
-at its first query instead. What it was told when refused is kept by
-SQLSTATE; errors without one (a refused TCP connect, a timeout, a dropped
-connection) are kept under the exception's class name.
+at its first query instead; so where a client fails is kept too: at
+connect (refused), at its first query (where PgBouncer refuses), or later
+(broken). What it was told is kept by SQLSTATE; errors without one (a
+refused TCP connect, a timeout, a dropped connection) are kept under the
+exception's class name.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Outcome:
     connect_wait: float  # seconds from the connect call to a usable session, or to the refusal
     sqlstate: str | None = None
     message: str | None = None
-    phase: str = "connect"  # where it failed: "connect" (refused) or "session" (broken after)
+    phase: str = "connect"  # where it failed: "connect" (refused), "first query", "session" (later)
     started: float = 0.0  # seconds after the run began
     first_answer: float | None = None  # seconds from the connect call to the first query's answer
     latencies: list[float] = field(default_factory=list)  # one per query that succeeded
@@ -108,6 +110,7 @@ class Work:
     query: str = "select 1"
     think: float = 0.02  # seconds between queries, like an application doing its own work
     timeout: float = 60.0  # connect timeout; set it above the proxy's queue timeout
+    query_timeout: float = 60.0  # each query's; the first may wait for a server (PgBouncer)
 
 
 async def session(connect: dict[str, Any], work: Work, rec: Recorder | None = None) -> Outcome:
@@ -133,7 +136,7 @@ async def session(connect: dict[str, Any], work: Work, rec: Recorder | None = No
         first = None
         while True:
             t = time.perf_counter()
-            await conn.execute(work.query)
+            await conn.execute(work.query, timeout=work.query_timeout)
             done = time.perf_counter()
             outcome.latencies.append(done - t)
             if first is None:
@@ -145,10 +148,10 @@ async def session(connect: dict[str, Any], work: Work, rec: Recorder | None = No
                 await asyncio.sleep(work.think)
         outcome.ok = True
     except CLIENT_ERRORS as e:
-        outcome.phase = "session"
+        outcome.phase = "session" if first is not None else "first query"
         outcome.sqlstate, outcome.message = describe(e)
     except BaseException:
-        conn.terminate()  # cancelled (deadline, Ctrl-C): no waiting for a polite close
+        conn.terminate()  # cancelled (Ctrl-C, SIGTERM): no waiting for a polite close
         raise
     finally:
         if rec:
@@ -171,4 +174,4 @@ async def one_client(host: str, port: int, user: str, database: str, hold: float
     """Connect, run a query that holds the session for `hold` seconds, close (used by the tests)."""
     return await session(dict(host=host, port=port, user=user, database=database, ssl=False),
                          Work(hold=0, query=f"select pg_sleep({float(hold)!r})", think=0,
-                              timeout=timeout))
+                              timeout=timeout, query_timeout=hold + timeout))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from .procs import run_captured
 from .progress import Progress
 from .spawn import Environment
-from .targets import Target
+from .targets import Target, UsageError
 
 
 @dataclass(slots=True)
@@ -95,6 +95,14 @@ class Context:
         if self.env is not None:
             await self.env.settle()
 
+    def require(self, scenario: str) -> None:
+        """Raise UsageError when `scenario` needs what was not given (checked before any runs)."""
+        if scenario == "external" and not self.server_dsn:
+            raise UsageError("external needs --server DSN (the server itself, bypassing the proxies) "
+                             "or --spawn")
+        if scenario == "restart" and self.restarter() is None:
+            raise UsageError("restart needs --restart-command CMD (restarts your server) or --spawn")
+
     def restarter(self) -> Callable[[], Awaitable[None]] | None:
         if self.knobs.restart_command:
             return lambda: run_shell(self.knobs.restart_command or "")
@@ -104,15 +112,7 @@ class Context:
 
 
 async def run_shell(command: str, timeout: float = 300) -> None:
-    proc = await asyncio.create_subprocess_shell(
-        command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    if proc.returncode != 0:
+    status, out, _ = await run_captured(["/bin/sh", "-c", command], timeout)
+    if status != 0:
         tail = out.decode(errors="replace")[-500:]
-        raise RuntimeError(f"{command!r} exited with {proc.returncode}: {tail}")
+        raise RuntimeError(f"{command!r} exited with {status}: {tail}")

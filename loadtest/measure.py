@@ -29,6 +29,7 @@ from .procs import (
     pgbouncer_binary,
     raise_fd_limit,
     rss_bytes,
+    run_captured,
     scratch_dir,
     unread_sockets,
     wait_for,
@@ -82,19 +83,13 @@ TIMING = re.compile(r"^Time: ([\d.]+) ms", re.M)
 async def _relay_once(target: Target, sql: str, size: int) -> dict[str, Any]:
     """psql (C, all authentication methods) times the COPY itself: no connect time, no Python reader."""
     cpu0 = cpu_seconds(target.pid) if target.pid else None
-    proc = await asyncio.create_subprocess_exec(
-        "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target.dsn, "-o", "/dev/null",
-        "-c", "\\timing on", "-c", sql, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 300)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    status, out, err = await run_captured(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target.dsn, "-o", "/dev/null",
+         "-c", "\\timing on", "-c", sql], 300, merge=False)
     cpu1 = cpu_seconds(target.pid) if target.pid else None
     m = TIMING.search(out.decode(errors="replace"))
-    if proc.returncode != 0 or not m:
+    # With ON_ERROR_STOP, psql exits 0 only once the whole COPY result has come through.
+    if status != 0 or not m:
         raise RuntimeError(f"relay through {target.name}: psql failed: {err.decode(errors='replace')[-400:]}")
     seconds = float(m.group(1)) / 1000
     return {"bytes": size, "seconds": seconds, "mib_per_s": size / MiB / seconds,
@@ -146,14 +141,17 @@ async def _waiters_one(ctx: Context, target: Target, slots: int, fd_limit: int) 
     assert target.pid is not None
     host, port = target.address
     want = min(ctx.knobs.waiters, fd_limit - slots - 200)  # our own sockets count against our limit
+    if want < 1:
+        raise RuntimeError(f"waiters: the open-file limit ({fd_limit}) leaves no room for waiting clients")
     answers_login = target.kind == "pgbouncer"  # PgBouncer logs clients in, then they wait for a server
-    holders = [await asyncpg.connect(target.dsn, timeout=ctx.connect_timeout) for _ in range(slots)]
+    holders: list[asyncpg.Connection] = []
     clients: list[RawClient] = []
     startup = startup_packet(target.user, target.database, "loadtest-waiter")
     status = {"what": "holding every slot"}
     try:
-        for h in holders:
-            await h.execute("select 1")
+        for _ in range(slots):
+            holders.append(await asyncpg.connect(target.dsn, timeout=ctx.connect_timeout))
+            await holders[-1].execute("select 1")
         rss_before = rss_bytes(target.pid)
         started = time.perf_counter()
         with ctx.progress.showing(lambda: f"waiters {target.name}: {status['what']}"):
@@ -174,8 +172,10 @@ async def _waiters_one(ctx: Context, target: Target, slots: int, fd_limit: int) 
             h.terminate()
     await wait_for(lambda: unread_sockets(port)[0] == 0, f"{target.name} to close every client", 60,
                    interval=0.05)
-    per = (rss_with - rss_before) / want if rss_with is not None and rss_before is not None and want else None
-    return {"target": target.name, "waiting": want - closed, "closed_by_proxy": closed,
+    waiting = want - closed  # a client the proxy closed holds none of its memory
+    per = (rss_with - rss_before) / waiting if rss_with is not None and rss_before is not None and waiting \
+        else None
+    return {"target": target.name, "waiting": waiting, "closed_by_proxy": closed,
             "answered_before_slot": answered, "rss_before_bytes": rss_before, "rss_with_bytes": rss_with,
             "bytes_per_waiter": per, "seconds_to_queue": queued}
 

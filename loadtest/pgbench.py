@@ -10,7 +10,6 @@ tells how far a proxy can move the ratio on a machine whose cores are all busy.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from itertools import combinations
@@ -18,7 +17,7 @@ from typing import Any
 
 from . import stats
 from .context import Context
-from .procs import cpu_seconds, machine_cpu_seconds
+from .procs import cpu_seconds, machine_cpu_seconds, run_captured
 from .report import Row, fmt_num, fmt_ratio, grid
 from .spawn import pgbench_path
 from .targets import Target
@@ -42,20 +41,12 @@ async def one_run(ctx: Context, target: Target, protocol: str, reconnect: bool) 
     cpu0 = cpu_seconds(target.pid) if target.pid else None
     machine0 = machine_cpu_seconds()
     started = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), k.pgbench_seconds + 120)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    status, out, err = await run_captured(argv, k.pgbench_seconds + 120, merge=False)
     wall = time.perf_counter() - started
     cpu1 = cpu_seconds(target.pid) if target.pid else None
     machine1 = machine_cpu_seconds()
     text = out.decode(errors="replace")
-    run: dict[str, Any] = {"exit": proc.returncode, "wall_s": round(wall, 3)}
+    run: dict[str, Any] = {"exit": status, "wall_s": round(wall, 3)}
     for key, pattern in FIGURES.items():
         m = pattern.search(text)
         run[key] = (float(m.group(1)) if "." in m.group(1) else int(m.group(1))) if m else None
@@ -65,7 +56,7 @@ async def one_run(ctx: Context, target: Target, protocol: str, reconnect: bool) 
         user, kernel = machine1[0] - machine0[0], machine1[1] - machine0[1]
         run["machine_cpu_us_per_tx"] = (user + kernel) * 1e6 / run["transactions"]
         run["machine_kernel_share"] = kernel / (user + kernel) if user + kernel else None
-    if proc.returncode != 0 or run["tps"] is None:
+    if status != 0 or run["tps"] is None:
         run["error"] = (err.decode(errors="replace").strip() or text.strip())[-600:]
     return run
 
@@ -75,12 +66,9 @@ async def run(ctx: Context) -> dict[str, Any]:
     if ctx.env is not None:
         await ctx.env.prepare_pgbench(k.pgbench_scale)
     elif k.pgbench_init:
-        proc = await asyncio.create_subprocess_exec(
-            pgbench_path(), "-i", "-q", "-s", str(k.pgbench_scale), ctx.targets[0].dsn,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
+        status, out, _ = await run_captured(
+            [pgbench_path(), "-i", "-q", "-s", str(k.pgbench_scale), ctx.targets[0].dsn])
+        if status != 0:
             raise RuntimeError(f"pgbench -i failed:\n{out.decode(errors='replace')}")
     variants = [(p, c) for c in k.reconnect for p in k.protocols]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
@@ -90,6 +78,7 @@ async def run(ctx: Context) -> dict[str, Any]:
     def status() -> str:
         return f"pgbench {now['what']}: {time.perf_counter() - now['since']:4.0f} s"
 
+    order: list[str] = []  # "ROUND VARIANT TARGET", as they ran
     with ctx.progress.showing(status):
         for r in range(k.rounds):
             for protocol, reconnect in variants:
@@ -97,6 +86,7 @@ async def run(ctx: Context) -> dict[str, Any]:
                     name = variant_name(protocol, reconnect)
                     now.update(what=f"round {r + 1}/{k.rounds} {name} {target.name}",
                                since=time.perf_counter())
+                    order.append(f"{r + 1} {name} {target.name}")
                     runs[name][target.name].append(await one_run(ctx, target, protocol, reconnect))
                     await ctx.settle()
     names = [t.name for t in ctx.targets]
@@ -109,6 +99,7 @@ async def run(ctx: Context) -> dict[str, Any]:
                    "rounds": k.rounds, "scale": k.pgbench_scale, "protocols": k.protocols,
                    "reconnect": k.reconnect},
         "targets": names,
+        "order": order,
         "variants": results,
     }
 

@@ -47,9 +47,11 @@ def _one(plt: Any, section: dict[str, Any], result: dict[str, Any], path: Path) 
             ax.annotate(what, (t, 1), xycoords=("data", "axes fraction"), rotation=90, va="top",
                         ha="right", fontsize=7, color="grey")
         refused = ", ".join(f"{n} x {c}" for c, n in result["refused"].items()) or "none"
-        broken = sum(result.get("broken", {}).values())
+        first = sum(result["failed_first_query"].values())
+        broken = sum(result["broken"].values())
         ax.set_title(f"{section['scenario']} through {result['target']}: {result['succeeded']} of "
-                     f"{result['attempts']} succeeded; refused: {refused}; broken: {broken}", fontsize=10)
+                     f"{result['attempts']} succeeded; refused: {refused}; failed at first query: "
+                     f"{first}; broken: {broken}", fontsize=10)
         ax.set_xlabel("seconds")
         ax.set_ylabel("clients")
         ax.set_ylim(bottom=0)

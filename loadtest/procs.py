@@ -105,6 +105,29 @@ def unread_sockets(port: int) -> tuple[int, int]:
     return established, unread
 
 
+async def run_captured(argv: Sequence[str], timeout: float | None = None, *,
+                       merge: bool = True) -> tuple[int, bytes, bytes]:
+    """Run a command to its end: (exit status, stdout, stderr); with `merge`, stderr is in stdout.
+
+    It is killed when it overruns `timeout` (a RuntimeError then) or when the caller is
+    cancelled, so that no run is left behind. It gets a session of its own: a Ctrl-C in the
+    terminal reaches only the harness.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if merge else asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        raise RuntimeError(f"{' '.join(argv)[:200]} did not finish within {timeout:g} s") from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out, err or b""
+
+
 async def wait_for(predicate: Callable[[], object], what: str, timeout: float,
                    interval: float = 0.01) -> None:
     """Poll `predicate` until true; raise naming `what` after `timeout` seconds."""
@@ -174,8 +197,16 @@ class Child:
                     continue
         finally:
             if self.proc.returncode is None:
-                self.proc.kill()
+                self.kill()
                 await self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL now, without waiting: for when there is no time to ask."""
+        if self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
 
 
 class _ListeningChild(Child):

@@ -73,11 +73,14 @@ def sessions_table(section: dict[str, Any]) -> str:
     ]
     for code in sorted({c for r in results for c in r["refused"]}):
         rows.append(_row(f"refused {code}", results, lambda r, c=code: str(r["refused"].get(c, 0))))
+    for code in sorted({c for r in results for c in r["failed_first_query"]}):
+        rows.append(_row(f"failed at first query {code}", results,
+                         lambda r, c=code: str(r["failed_first_query"].get(c, 0))))
     for code in sorted({c for r in results for c in r["broken"]}):
         rows.append(_row(f"broken {code}", results, lambda r, c=code: str(r["broken"].get(c, 0))))
     for q in ("p50", "p95", "p99", "max"):
         rows.append(_row(f"connect wait {q}", results, lambda r, q=q: fmt_s(r["connect_wait_s"][q]),
-                         f"connect_wait_{q}" if q in ("p50", "p99") else None))
+                         f"connect_wait_{q}"))
     for q in ("p50", "p99"):
         rows.append(_row(f"first answer {q}", results, lambda r, q=q: fmt_s(r["first_answer_s"][q]),
                          f"first_answer_{q}"))
@@ -85,7 +88,7 @@ def sessions_table(section: dict[str, Any]) -> str:
         rows.append(_row(f"query latency {q}", results, lambda r, q=q: fmt_s(r["query_latency_s"][q]),
                          f"query_latency_{q}"))
     rows.append(_row("queries/s", results, lambda r: fmt_num(r["queries_per_s"]), "queries_per_s"))
-    rows.append(_row("sessions/s", results, lambda r: fmt_num(r["sessions_per_s"])))
+    rows.append(_row("sessions/s", results, lambda r: fmt_num(r["sessions_per_s"]), "sessions_per_s"))
     rows.append(_row("wall time", results, lambda r: f"{r['wall_s']:.2f} s"))
     for key in sorted({k for r in results for k, v in r["extra"].items() if not isinstance(v, dict)}):
         rows.append(_row(key, results, lambda r, k=key: str(r["extra"].get(k, "-"))))

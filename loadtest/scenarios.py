@@ -19,7 +19,7 @@ import asyncpg
 from . import stats
 from .clients import CLIENT_ERRORS, Outcome, Recorder, Work, describe, session
 from .context import Context
-from .targets import Target, UsageError
+from .targets import Target
 
 RETRY_INTERVAL = 0.05  # how soon a refused external job tries again
 
@@ -52,16 +52,22 @@ class Held:
         self._ids: list[int] = []
 
     async def open(self, dsn: str, count: int, timeout: float, retry_for: float = 0.0) -> None:
-        """Open `count` connections; a refused one tries again for up to `retry_for` seconds."""
+        """Open `count` connections, each running one query; a refused one tries again for up to
+        `retry_for` seconds."""
         loop = asyncio.get_running_loop()
         until = loop.time() + retry_for
 
         async def one() -> None:
             while True:
+                conn = None
                 try:
                     conn = await asyncpg.connect(dsn, timeout=timeout)
+                    # As a script does before it hangs; through PgBouncer, only a query takes a server.
+                    await conn.execute("select 1", timeout=timeout)
                     break
                 except CLIENT_ERRORS as e:
+                    if conn is not None:
+                        conn.terminate()
                     sqlstate, message = describe(e)
                     self.refused[sqlstate or message.split(":", 1)[0]] += 1
                     if loop.time() >= until:
@@ -119,8 +125,7 @@ async def _leak(ctx: Context, target: Target, rec: Recorder, work: Work) -> dict
 
 
 async def _external(ctx: Context, target: Target, rec: Recorder, work: Work) -> dict[str, Any]:
-    if not ctx.server_dsn:
-        raise UsageError("external needs --server DSN (the server itself, bypassing the proxies) or --spawn")
+    ctx.require("external")
     duration = ctx.knobs.duration
     at = ctx.knobs.external_at if ctx.knobs.external_at is not None else duration / 3
     hold = ctx.knobs.external_for if ctx.knobs.external_for is not None else duration / 3
@@ -150,9 +155,9 @@ async def _external(ctx: Context, target: Target, rec: Recorder, work: Work) -> 
 
 
 async def _restart(ctx: Context, target: Target, rec: Recorder, work: Work) -> dict[str, Any]:
+    ctx.require("restart")
     restart = ctx.restarter()
-    if restart is None:
-        raise UsageError("restart needs --restart-command CMD (restarts your server) or --spawn")
+    assert restart is not None
     duration = ctx.knobs.duration
     at = ctx.knobs.restart_at if ctx.knobs.restart_at is not None else duration / 3
     took: list[float] = []
@@ -193,7 +198,7 @@ SESSION_SCENARIOS: dict[str, tuple[Body, Callable[[Context], str]]] = {
 async def run_sessions(name: str, ctx: Context) -> dict[str, Any]:
     body, describe_it = SESSION_SCENARIOS[name]
     work = Work(hold=ctx.knob(name, "hold"), query=ctx.knobs.query, think=ctx.knobs.think,
-                timeout=ctx.connect_timeout)
+                timeout=ctx.connect_timeout, query_timeout=ctx.connect_timeout)
     results = []
     for target in ctx.targets:
         rec = Recorder(name, target.name)
@@ -232,7 +237,7 @@ def _params(name: str, ctx: Context) -> dict[str, Any]:
 
 def summarize(rec: Recorder, wall: float, extra: dict[str, Any], kind: str = "given") -> dict[str, Any]:
     outs: list[Outcome] = rec.outcomes
-    connected = [o for o in outs if o.ok or o.phase == "session"]
+    connected = [o for o in outs if o.ok or o.phase != "connect"]
     succeeded = sum(o.ok for o in outs)
     latencies = [lat for o in outs for lat in o.latencies]
     messages = Counter(f"{o.sqlstate}: {o.message}" if o.sqlstate else str(o.message)
@@ -243,6 +248,7 @@ def summarize(rec: Recorder, wall: float, extra: dict[str, Any], kind: str = "gi
         "attempts": len(outs),
         "succeeded": succeeded,
         "refused": dict(sorted(Counter(o.code for o in outs if not o.ok and o.phase == "connect").items())),
+        "failed_first_query": dict(sorted(Counter(o.code for o in outs if o.phase == "first query").items())),
         "broken": dict(sorted(Counter(o.code for o in outs if o.phase == "session").items())),
         "messages": dict(messages.most_common()),
         "connect_wait_s": stats.summary([o.connect_wait for o in connected]),
@@ -262,12 +268,15 @@ def summarize(rec: Recorder, wall: float, extra: dict[str, Any], kind: str = "gi
 RATIO_FIGURES = {
     "succeeded": lambda r: r["succeeded"],
     "connect_wait_p50": lambda r: r["connect_wait_s"]["p50"],
+    "connect_wait_p95": lambda r: r["connect_wait_s"]["p95"],
     "connect_wait_p99": lambda r: r["connect_wait_s"]["p99"],
+    "connect_wait_max": lambda r: r["connect_wait_s"]["max"],
     "first_answer_p50": lambda r: r["first_answer_s"]["p50"],
     "first_answer_p99": lambda r: r["first_answer_s"]["p99"],
     "query_latency_p50": lambda r: r["query_latency_s"]["p50"],
     "query_latency_p99": lambda r: r["query_latency_s"]["p99"],
     "queries_per_s": lambda r: r["queries_per_s"],
+    "sessions_per_s": lambda r: r["sessions_per_s"],
 }
 
 

@@ -25,6 +25,7 @@ from .procs import (
     SlotproxyProcess,
     pgbouncer_binary,
     raise_fd_limit,
+    run_captured,
     scratch_dir,
 )
 from .targets import Target, UsageError
@@ -194,26 +195,33 @@ class Environment:
         if self.pgbench_ready:
             return
         assert self.cluster is not None
-        proc = await asyncio.create_subprocess_exec(
-            pgbench_path(), "-i", "-q", "-s", str(scale), self.superuser_dsn,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
+        status, out, _ = await run_captured([pgbench_path(), "-i", "-q", "-s", str(scale),
+                                             self.superuser_dsn])
+        if status != 0:
             raise RuntimeError(f"pgbench -i failed:\n{out.decode(errors='replace')}")
         await blocking(self.cluster.psql, f"grant select on all tables in schema public to {APP_ROLE}")
         self.pgbench_ready = True
 
     async def close(self) -> None:
-        for child in reversed(self.children):
-            try:
+        """Stop what was started; interrupted meanwhile (a second Ctrl-C), kill the rest at once."""
+        children, self.children = self.children[::-1], []
+        try:
+            for child in children:
                 await child.stop()
-            except ProcessLookupError:
-                pass
-        self.children.clear()
-        if self.cluster is not None:
-            await blocking(self.cluster.remove)
-            self.cluster = None
+            if self.cluster is not None:
+                await blocking(self.cluster.remove)
+                self.cluster = None
+        except BaseException:
+            for child in children:
+                child.kill()
+            if self.cluster is not None:
+                self.cluster.remove()  # no await: this task may be cancelled again
+                self.cluster = None
+            raise
+        finally:
+            self._remove_files()
+
+    def _remove_files(self) -> None:
         if self.template is not None and self._given_template is None:
             self.template.remove()
         self.template = None

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from dataclasses import dataclass
+
+# A URI's password (user:PASSWORD@) and a keyword DSN's (password=PASSWORD).
+_PASSWORDS = re.compile(r"(?P<keep>postgres(?:ql)?://[^/@\s]*?:)[^/\s]*(?=@)|(?P<kw>password\s*=\s*)\S+")
+
+
+def mask_passwords(text: str) -> str:
+    """`text` with the passwords of the DSNs in it masked, for reports."""
+    return _PASSWORDS.sub(lambda m: (m["keep"] or m["kw"]) + "***", text)
 
 
 class UsageError(Exception):
@@ -33,11 +42,7 @@ class Target:
 
     def shown(self) -> str:
         """The DSN with its password masked, for reports."""
-        parts = urllib.parse.urlsplit(self.dsn)
-        if parts.password is None:
-            return self.dsn
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        return mask_passwords(self.dsn)
 
 
 def parse_target(text: str) -> Target:

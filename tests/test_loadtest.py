@@ -72,6 +72,7 @@ def table_row(table: str, label: str) -> list[str]:
 def assert_accounted(result: dict[str, Any]) -> None:
     """Every attempt either succeeded, was refused, or broke, and the timeline saw the run."""
     assert result["attempts"] == (result["succeeded"] + sum(result["refused"].values())
+                                  + sum(result["failed_first_query"].values())
                                   + sum(result["broken"].values())), result
     assert sum(result["messages"].values()) == result["attempts"] - result["succeeded"]
     timeline = result["timeline"]
@@ -173,9 +174,19 @@ async def test_external_connections_take_slots_and_a_proxy_sized_for_them_refuse
     assert table_row(render(section), "external held") == ["3", "3"]
 
 
+async def _postmaster_started(env: Environment) -> Any:
+    conn = await asyncpg.connect(env.superuser_dsn)
+    try:
+        return await conn.fetchval("select pg_postmaster_start_time()")
+    finally:
+        await conn.close()
+
+
 async def test_restart_mid_run_new_clients_wait_through_slotproxy(spawn: Any) -> None:
     env = await spawn()
+    before = await _postmaster_started(env)
     section = await run_sessions("restart", context(env, rate=15, duration=1.5, hold=0.2, restart_at=0.4))
+    assert await _postmaster_started(env) > before  # the server did restart
     results = by_target(section)
     for r in results.values():
         assert [what for _, what in r["marks"]] == ["server restart begins", "server is back"]
@@ -183,6 +194,11 @@ async def test_restart_mid_run_new_clients_wait_through_slotproxy(spawn: Any) ->
         assert_accounted(r)
     # Sessions open at the restart may break (57P01 and its kin), but no client is refused.
     assert results["slotproxy"]["refused"] == {}, results["slotproxy"]["messages"]
+    table = render(section)
+    assert table_row(table, "attempts") == [str(results["direct"]["attempts"]),
+                                            str(results["slotproxy"]["attempts"])]
+    assert table_row(table, "succeeded")[:2] == [str(results["direct"]["succeeded"]),
+                                                 str(results["slotproxy"]["succeeded"])]
 
 
 # -- measurements -----------------------------------------------------------------------------
@@ -218,14 +234,27 @@ async def test_pgbench_interleaved_rounds_with_and_without_a_connection_per_tran
             f"{res['direct']['machine_cpu_us_per_tx_median']:,.1f}", f"{machine:,.1f}", f"{ratio:.2f}x"]
 
 
+async def test_pgbench_rounds_interleave_the_targets_and_pair_each_rounds_runs(spawn: Any) -> None:
+    env = await spawn()
+    section = await run_pgbench(context(env, pgbench_seconds=1, rounds=2, pgbench_clients=2,
+                                        pgbench_jobs=1, protocols=["simple"], reconnect=[False]))
+    assert section["order"] == ["1 simple direct", "1 simple slotproxy", "2 simple direct",
+                                "2 simple slotproxy"]
+    res = section["variants"]["simple"]
+    per_round = [p["tps"] / d["tps"] for p, d in zip(res["slotproxy"]["runs"], res["direct"]["runs"],
+                                                      strict=True)]
+    assert res["slotproxy"]["ratio_to_first"] == pytest.approx(sum(per_round) / 2)  # their median
+
+
 async def test_relay_reads_the_whole_result_through_every_target(spawn: Any) -> None:
     env = await spawn(kinds=("direct", "slotproxy", "forwarder"))
     ctx = context(env, relay_mb=4, rounds=2)
     section = await relay(ctx)
     assert [r["target"] for r in section["results"]] == ["direct", "slotproxy", "forwarder"]
     for r in section["results"]:
-        assert [run["bytes"] for run in r["runs"]] == [4 << 20] * 2
-        assert r["mib_per_s_median"] > 0
+        # Each run is a psql that read the whole result: relay raises otherwise (see the
+        # test of a target that refuses every connection).
+        assert len(r["runs"]) == 2 and r["mib_per_s_median"] > 0
     assert by_target(section)["forwarder"]["proxy_cpu_s_median"] is not None
     assert "forwarder" not in ctx.slots
     waiting = by_target(await waiters(context(env, waiters=20)))
@@ -328,6 +357,7 @@ async def test_pgbouncer_in_session_mode_beside_slotproxy(spawn: Any, server_soc
 def _section_with_one_result() -> dict[str, Any]:
     return {"scenario": "burst", "kind": "sessions", "results": [{
         "target": "slot proxy", "succeeded": 2, "attempts": 3, "refused": {"53300": 1},
+        "failed_first_query": {}, "broken": {},
         "marks": [[0.5, "server restart begins"]],
         "timeline": {"t": [0, 0.1, 0.2], "open": [0, 2, 0], "waiting": [3, 1, 0], "errors": [0, 1, 1]}}]}
 
@@ -374,20 +404,26 @@ async def test_interrupted_run_stops_what_it_started(tmp_path: Path) -> None:
     assert not (tmp_path / "never.json").exists()
 
 
-async def test_a_target_that_refuses_every_connection_is_reported_not_fatal(tmp_path: Path) -> None:
+async def test_a_target_that_refuses_every_connection_is_reported_and_what_finished_is_kept(
+        tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nobody listens here once closed
     out = tmp_path / "run.json"
+    # burst records the refusals; relay cannot run at all through it, and stops the run.
     proc = await asyncio.create_subprocess_exec(
-        *LOADTEST, "--target", f"nobody=postgresql://app@127.0.0.1:{port}/postgres", "burst",
-        "--clients", "3", "--connect-timeout", "5", "--json", str(out), "--no-png", "--quiet",
+        *LOADTEST, "--target", f"nobody=postgresql://app:s3cret@127.0.0.1:{port}/postgres", "burst",
+        "relay", "--clients", "3", "--connect-timeout", "5", "--json", str(out), "--no-png", "--quiet",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, stderr.decode()
-    [result] = json.loads(out.read_text())["scenarios"][0]["results"]
+    assert proc.returncode == 1, stderr.decode()
+    assert "loadtest: relay through nobody: psql failed" in stderr.decode()
+    doc = json.loads(out.read_text())
+    assert doc["incomplete"].startswith("1 of 2 finished; then RuntimeError: relay through nobody")
+    [result] = doc["scenarios"][0]["results"]
     assert result["refused"] == {"ConnectionRefusedError": 3} and result["succeeded"] == 0
     assert table_row(stdout.decode(), "refused ConnectionRefusedError") == ["3"]
+    assert "s3cret" not in out.read_text() and "app:***@" in " ".join(doc["command"])
 
 
 @pytest.mark.parametrize(("args", "problem"), [
@@ -395,6 +431,11 @@ async def test_a_target_that_refuses_every_connection_is_reported_not_fatal(tmp_
     (["--target", "x=http://db", "burst"], "--target x: expected a postgresql:// URI"),
     (["--spawn", "churn", "--rate", "0"], "--rate: must be above 0"),
     (["--spawn", "--spawn-targets", "direct,pgpool", "burst"], "--spawn-targets: unknown target 'pgpool'"),
+    (["--spawn", "--reserved", "0", "burst"], "--reserved: must be at least 1"),
+    # Checked before anything runs, not when external's turn comes after burst.
+    (["--target", "x=postgresql://app@127.0.0.1:9/postgres", "burst", "external"], "external needs --server"),
+    (["--target", "x=postgresql://app@127.0.0.1:9/postgres", "--pid", "y=1", "burst"],
+     "--pid/--slots y: no target has that name"),
 ])
 async def test_bad_usage_exits_2_saying_what_is_wrong(args: list[str], problem: str) -> None:
     proc = await asyncio.create_subprocess_exec(*LOADTEST, *args, stdout=asyncio.subprocess.PIPE,
