@@ -14,6 +14,7 @@ again with a backoff; it never stops the proxy.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class OwnSessions:
     by_endpoint: Mapping[tuple[str, int], Hashable]
 
 
+@functools.lru_cache(maxsize=1024)  # per connection and per polled row: few distinct addresses
 def normalize_host(host: str) -> str:
     ip = parse_ip(host)
     return host if ip is None else ip.compressed
