@@ -205,19 +205,19 @@ class Environment:
     async def close(self) -> None:
         """Stop what was started; interrupted meanwhile (a second Ctrl-C), kill the rest at once."""
         children, self.children = self.children[::-1], []
+        cluster, self.cluster = self.cluster, None
         try:
-            for child in children:
-                await child.stop()
-            if self.cluster is not None:
-                await blocking(self.cluster.remove)
-                self.cluster = None
-        except BaseException:
-            for child in children:
-                child.kill()
-            if self.cluster is not None:
-                self.cluster.remove()  # no await: this task may be cancelled again
-                self.cluster = None
-            raise
+            try:
+                for child in children:
+                    await child.stop()
+            except BaseException:
+                for child in children:
+                    child.kill()
+                if cluster is not None:
+                    cluster.remove()  # no await: this task may be cancelled again
+                raise
+            if cluster is not None:
+                await blocking(cluster.remove)  # cancelled meanwhile, its thread still finishes
         finally:
             self._remove_files()
 
