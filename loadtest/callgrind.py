@@ -97,14 +97,16 @@ async def _count(ctx: Context, kind: str, backend: tuple[str, int], workdir: Pat
     proc: Child
     if kind == "slotproxy":
         proc = await SlotproxyProcess.start(workdir, backend, slots=env_slots(ctx), max_queue=1000,
-                                            queue_timeout=120, wrap=wrap, ready_timeout=READY_TIMEOUT)
+                                            queue_timeout=120, wrap=wrap, ready_timeout=READY_TIMEOUT,
+                                            cpus=ctx.proxy_cpus)
     elif kind.startswith("pgbouncer"):
         proc = await PgBouncerProcess.start(workdir, backend, _free_port(), pool_size=env_slots(ctx),
                                             users=[APP_ROLE], max_clients=1000, query_wait_timeout=120,
                                             unpooled=kind == "pgbouncer-unpooled", wrap=wrap,
-                                            ready_timeout=READY_TIMEOUT)
+                                            ready_timeout=READY_TIMEOUT, cpus=ctx.proxy_cpus)
     else:
-        proc = await ForwarderProcess.start(workdir, backend, wrap=wrap, ready_timeout=READY_TIMEOUT)
+        proc = await ForwarderProcess.start(workdir, backend, wrap=wrap, ready_timeout=READY_TIMEOUT,
+                                            cpus=ctx.proxy_cpus)
     dsn = f"postgresql://{APP_ROLE}@127.0.0.1:{proc.port}/postgres?sslmode=disable"  # type: ignore[attr-defined]
     # callgrind_control finds the pipes by user name from the environment, so it runs as
     # PgBouncer does: setpriv keeps the environment (runuser would set USER).

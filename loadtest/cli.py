@@ -19,7 +19,7 @@ import uvloop
 
 from .context import DEFAULTS, Context, Knobs
 from .progress import Progress
-from .spawn import KINDS, Environment, SpawnOptions
+from .spawn import KINDS, Environment, SpawnOptions, cpu_list
 from .targets import UsageError, mask_passwords, parse_number, parse_target
 
 SESSION_SCENARIOS = ("burst", "churn", "leak", "external", "restart")
@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     spawn.add_argument("--server-socket", action="store_true",
                        help="slotproxy and PgBouncer reach the server over its Unix socket, "
                             "as on the database host (direct clients keep TCP)")
+    spawn.add_argument("--proxy-cpus", metavar="LIST",
+                       help="run the proxies on these CPUs (such as 1, or 2-3) and the server, pgbench and "
+                            "the harness on the others, so that no proxy takes CPU from the server (Linux)")
     spawn.add_argument("--queue-timeout", type=float, default=30.0,
                        help="slotproxy's queue_timeout, PgBouncer's query_wait_timeout (default 30)")
     k = Knobs()
@@ -180,10 +183,34 @@ def expand(names: list[str]) -> list[str]:
 
 def spawn_options(args: argparse.Namespace) -> SpawnOptions:
     kinds = tuple(w.strip() for w in (args.spawn_targets or ",".join(KINDS)).split(",") if w.strip())
+    cpus = parse_cpus(args.proxy_cpus) if args.proxy_cpus is not None else frozenset()
     return SpawnOptions(max_connections=args.max_connections, reserved=args.reserved,
                         proxy_slots=args.proxy_slots, queue_timeout=args.queue_timeout,
                         kinds=kinds, kinds_given=args.spawn_targets is not None,
-                        server_socket=args.server_socket)
+                        server_socket=args.server_socket,
+                        proxy_cpus=cpus)
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """--proxy-cpus: CPU numbers and ranges (1,3 or 2-3), each available to us, not all of them."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise UsageError("--proxy-cpus: this platform does not let a process choose its CPUs")
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise UsageError(f"--proxy-cpus {text!r}: expected CPU numbers such as 1, 2-3 or 1,3")
+        cpus.update(range(int(first), int(last if dash else first) + 1))
+    available = os.sched_getaffinity(0)
+    if not cpus:
+        raise UsageError(f"--proxy-cpus {text!r}: names no CPU")
+    if not cpus <= available:
+        raise UsageError(f"--proxy-cpus: CPU {cpu_list(cpus - available)} is not available to this "
+                         f"process (it may use {cpu_list(available)})")
+    if cpus == available:
+        raise UsageError(f"--proxy-cpus: leaves no CPU for the server and pgbench (this process may "
+                         f"use {cpu_list(available)})")
+    return frozenset(cpus)
 
 
 async def run(scenarios: list[str], ctx: Context, sections: list[dict[str, Any]]) -> None:
@@ -229,6 +256,8 @@ async def main_async(args: argparse.Namespace) -> int:
     given = [parse_target(t) for t in args.target]
     if args.spawn == bool(given):
         raise UsageError("give either --spawn or at least one --target NAME=DSN")
+    if args.proxy_cpus is not None and not args.spawn:
+        raise UsageError("--proxy-cpus: only with --spawn (the harness places the processes it starts)")
     if len({t.name for t in given}) != len(given):
         raise UsageError("--target: names must differ")
     pids = dict(parse_number(p, "--pid") for p in args.pid)

@@ -85,6 +85,13 @@ class Context:
         return DEFAULTS[scenario][name] if value is None else value
 
     @property
+    def proxy_cpus(self) -> frozenset[int] | None:
+        """Where the proxies a measurement starts itself run (--proxy-cpus); None: anywhere."""
+        if self.env is None or not self.env.options.proxy_cpus:
+            return None
+        return self.env.options.proxy_cpus
+
+    @property
     def connect_timeout(self) -> float:
         if self.knobs.connect_timeout is not None:
             return self.knobs.connect_timeout

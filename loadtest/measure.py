@@ -251,11 +251,11 @@ async def handoff(ctx: Context) -> dict[str, Any]:
                     if kind == "slotproxy":
                         proxy = await SlotproxyProcess.start(workdir, ("127.0.0.1", port), slots=1,
                                                              max_queue=1000, queue_timeout=120,
-                                                             name="slotproxy-handoff")
+                                                             name="slotproxy-handoff", cpus=ctx.proxy_cpus)
                     else:
                         proxy = await PgBouncerProcess.start(
                             workdir, ("127.0.0.1", port), free_port(), pool_size=1, users=[APP_ROLE],
-                            max_clients=1000, query_wait_timeout=120)
+                            max_clients=1000, query_wait_timeout=120, cpus=ctx.proxy_cpus)
                     results.append(await _handoff_one(kind, proxy.port, backend, samples, now))
                 finally:
                     if proxy is not None:

@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO, Self
 
@@ -48,6 +48,23 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def set_cpus(pid: int, cpus: Iterable[int]) -> None:
+    """Put every thread of process `pid` on `cpus`; threads and children made later inherit it.
+
+    os.sched_setaffinity moves one thread; a process may have several already.
+    """
+    cpus = set(cpus)
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return  # it has exited: whoever waits for it will see that
+    for task in tasks:
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except ProcessLookupError:
+            pass  # that thread has ended meanwhile
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -217,13 +234,16 @@ class _ListeningChild(Child):
         self.port = 0
 
     @classmethod
-    async def _launch(cls, argv: Sequence[str], log: Path, ready_timeout: float, name: str) -> Self:
+    async def _launch(cls, argv: Sequence[str], log: Path, ready_timeout: float, name: str,
+                      cpus: frozenset[int] | None) -> Self:
         with _log_file(log) as out:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         self = cls(proc, log)
         self.name = name
         try:
+            if cpus:
+                set_cpus(proc.pid, cpus)
             m = await self._await_log(r"listening on 127\.0\.0\.1:(\d+)", ready_timeout)
         except BaseException:
             await self.stop()
@@ -238,8 +258,8 @@ class SlotproxyProcess(_ListeningChild):
     @classmethod
     async def start(cls, workdir: Path, backend: tuple[str, int], *, slots: int, max_queue: int,
                     queue_timeout: float, name: str = "slotproxy", wrap: Sequence[str] = (),
-                    ready_timeout: float = 20) -> SlotproxyProcess:
-        """`wrap` goes before the command (a profiler, such as valgrind)."""
+                    ready_timeout: float = 20, cpus: frozenset[int] | None = None) -> SlotproxyProcess:
+        """`wrap` goes before the command (a profiler, such as valgrind); `cpus`: where it runs."""
         config = workdir / f"{name}.toml"
         # Room for every client the queue may hold, as PgBouncer's max_client_conn gets.
         # Plain text to the server, as the direct target's sslmode=disable and PgBouncer here:
@@ -252,7 +272,7 @@ class SlotproxyProcess(_ListeningChild):
              "--listen", "127.0.0.1:0",
              "--backend", f"{backend[0]}:{backend[1]}", "--max-backend-slots", str(slots),
              "--max-queue", str(max_queue), "--queue-timeout", str(queue_timeout)],
-            workdir / f"{name}.log", ready_timeout, name)
+            workdir / f"{name}.log", ready_timeout, name, cpus)
 
 
 class ForwarderProcess(_ListeningChild):
@@ -262,10 +282,10 @@ class ForwarderProcess(_ListeningChild):
 
     @classmethod
     async def start(cls, workdir: Path, backend: tuple[str, int], *, wrap: Sequence[str] = (),
-                    ready_timeout: float = 20) -> ForwarderProcess:
+                    ready_timeout: float = 20, cpus: frozenset[int] | None = None) -> ForwarderProcess:
         return await cls._launch(
             [*wrap, sys.executable, "-m", "loadtest.forwarder", "--backend", f"{backend[0]}:{backend[1]}"],
-            workdir / "forwarder.log", ready_timeout, cls.name)
+            workdir / "forwarder.log", ready_timeout, cls.name, cpus)
 
 
 def server_account() -> pwd.struct_passwd | None:
@@ -295,7 +315,7 @@ class PgBouncerProcess(Child):
     async def start(cls, workdir: Path, backend: tuple[str, int], port: int, *, pool_size: int,
                     users: list[str], max_clients: int, query_wait_timeout: float,
                     unpooled: bool = False, wrap: Sequence[str] = (),
-                    ready_timeout: float = 20) -> PgBouncerProcess:
+                    ready_timeout: float = 20, cpus: frozenset[int] | None = None) -> PgBouncerProcess:
         """`unpooled`: every client gets a server session of its own, closed when it leaves,
         as with slotproxy or a direct connection (server_lifetime = 0)."""
         binary = pgbouncer_binary()
@@ -358,6 +378,8 @@ admin_users = postgres
             await wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
                            "pgbouncer.pid", ready_timeout)
             self.bouncer_pid = int(pidfile.read_text().strip())
+            if cpus:
+                set_cpus(self.bouncer_pid, cpus)
         except BaseException:
             await self.stop()
             raise

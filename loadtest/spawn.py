@@ -9,6 +9,7 @@ those are ended, so that every run starts with every slot free).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .procs import (
     raise_fd_limit,
     run_captured,
     scratch_dir,
+    set_cpus,
 )
 from .targets import Target, UsageError
 
@@ -65,6 +67,8 @@ class SpawnOptions:
     kinds: tuple[str, ...] = KINDS
     kinds_given: bool = False  # the user named the targets: a missing PgBouncer is an error
     server_socket: bool = False  # the proxies reach the server over its Unix socket, not TCP
+    # CPUs of the proxies' own; the server, pgbench and the harness get the others. Empty: all share.
+    proxy_cpus: frozenset[int] = frozenset()
 
     @property
     def slots(self) -> int:
@@ -84,6 +88,8 @@ class Environment:
         self.targets: list[Target] = []
         self.notes: list[str] = []
         self.pgbench_ready = False
+        self.other_cpus: frozenset[int] = frozenset()
+        self._own_cpus: set[int] | None = None  # ours before --proxy-cpus moved us; given back at close
 
     @property
     def server_dsn(self) -> str:
@@ -121,6 +127,14 @@ class Environment:
                               "(Debian: apt-get install pgbouncer)")
             want_bouncer = False
         raise_fd_limit()
+        cpus = opts.proxy_cpus or None
+        if cpus:
+            # Ours first: the server (via pg_ctl), pgbench and psql inherit it.
+            self._own_cpus = os.sched_getaffinity(0)
+            self.other_cpus = frozenset(self._own_cpus - cpus)
+            set_cpus(os.getpid(), self.other_cpus)
+            self.notes.append(f"proxies on CPU {cpu_list(cpus)}; the server, pgbench and the "
+                              f"harness's own clients on CPU {cpu_list(self.other_cpus)}")
         self.workdir = scratch_dir("loadtest-")
         self.template = self._given_template or await blocking(Template)
         self.cluster = self.template.cluster(
@@ -137,18 +151,19 @@ class Environment:
             elif kind == "slotproxy":
                 proxy = await SlotproxyProcess.start(
                     self.workdir, backend, slots=opts.slots, max_queue=opts.max_queue,
-                    queue_timeout=opts.queue_timeout)
+                    queue_timeout=opts.queue_timeout, cpus=cpus)
                 self.children.append(proxy)
                 self.targets.append(Target("slotproxy", _dsn(proxy.port), "slotproxy", proxy.pid))
             elif kind == "forwarder":
-                forwarder = await ForwarderProcess.start(self.workdir, backend)
+                forwarder = await ForwarderProcess.start(self.workdir, backend, cpus=cpus)
                 self.children.append(forwarder)
                 self.targets.append(Target("forwarder", _dsn(forwarder.port), "forwarder", forwarder.pid))
             elif want_bouncer:  # pgbouncer, pgbouncer-unpooled
                 bouncer = await PgBouncerProcess.start(
                     self.workdir, backend, free_port(), pool_size=opts.slots,
                     users=[APP_ROLE, SUPERUSER], max_clients=opts.max_queue + opts.slots + 100,
-                    query_wait_timeout=opts.queue_timeout, unpooled=kind == "pgbouncer-unpooled")
+                    query_wait_timeout=opts.queue_timeout, unpooled=kind == "pgbouncer-unpooled",
+                    cpus=cpus)
                 self.children.append(bouncer)
                 self.targets.append(Target(kind, _dsn(bouncer.port), kind, bouncer.pid))
 
@@ -159,7 +174,9 @@ class Environment:
                 "proxies_reach_server_over": "unix socket" if opts.server_socket else "tcp",
                 "max_connections": opts.max_connections, "superuser_reserved_connections": opts.reserved,
                 "proxy_slots": opts.slots, "queue_timeout": opts.queue_timeout,
-                "max_queue": opts.max_queue}
+                "max_queue": opts.max_queue,
+                "proxy_cpus": sorted(opts.proxy_cpus) or None,
+                "other_cpus": sorted(self.other_cpus) or None}
 
     async def settle(self) -> None:
         """Wait until the server has no client sessions but ours; end PgBouncer's pooled ones."""
@@ -220,6 +237,9 @@ class Environment:
                 await blocking(cluster.remove)  # cancelled meanwhile, its thread still finishes
         finally:
             self._remove_files()
+            if self._own_cpus is not None:  # an in-process caller (the tests) goes on with every CPU
+                set_cpus(os.getpid(), self._own_cpus)
+                self._own_cpus = None
 
     def _remove_files(self) -> None:
         if self.template is not None and self._given_template is None:
@@ -228,6 +248,17 @@ class Environment:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+
+def cpu_list(cpus: frozenset[int] | set[int]) -> str:
+    """1,3 or 0-3: as taskset and /proc print them."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _dsn(port: int, user: str = APP_ROLE) -> str:

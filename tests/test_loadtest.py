@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
 import signal
@@ -28,7 +29,7 @@ from loadtest.procs import pgbouncer_binary
 from loadtest.progress import Progress
 from loadtest.report import render
 from loadtest.scenarios import run_sessions
-from loadtest.spawn import Environment, SpawnOptions
+from loadtest.spawn import Environment, SpawnOptions, cpu_list
 from slotproxy.cluster import Template
 
 from .conftest import wait_until
@@ -362,6 +363,33 @@ def _section_with_one_result() -> dict[str, Any]:
         "timeline": {"t": [0, 0.1, 0.2], "open": [0, 2, 0], "waiting": [3, 1, 0], "errors": [0, 1, 1]}}]}
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to give the proxies one")
+async def test_proxy_cpus_gives_the_proxies_a_cpu_and_the_server_and_pgbench_the_others(
+        spawn: Any) -> None:
+    ours = os.sched_getaffinity(0)
+    proxies = {max(ours)}
+    kinds = ("direct", "slotproxy", "pgbouncer") if pgbouncer_binary() else ("direct", "slotproxy")
+    env = await spawn(kinds=kinds, proxy_cpus=frozenset(proxies))
+    assert env.cluster is not None
+    others = ours - proxies
+    postmaster = int((env.cluster.datadir / "postmaster.pid").read_text().split()[0])
+    assert os.sched_getaffinity(postmaster) == others  # its backends inherit it
+    assert os.sched_getaffinity(0) == others  # so do pgbench and psql, started by us
+    for target in env.targets[1:]:
+        assert target.pid is not None and os.sched_getaffinity(target.pid) == proxies, target
+    assert env.describe()["proxy_cpus"] == sorted(proxies)
+    assert env.describe()["other_cpus"] == sorted(others)
+    assert f"proxies on CPU {cpu_list(proxies)}" in env.notes[-1]
+
+    section = await run_pgbench(context(env, pgbench_seconds=1, rounds=1, pgbench_clients=2,
+                                        pgbench_jobs=1, protocols=["simple"], reconnect=[True]))
+    for name in (t.name for t in env.targets):
+        [run] = section["variants"]["simple -C"][name]["runs"]
+        assert run["exit"] == 0 and run["transactions"] > 0 and run["failed"] == 0, (name, run)
+    await env.close()
+    assert os.sched_getaffinity(0) == ours  # given back: the test session goes on with every CPU
+
+
 def test_without_matplotlib_the_report_says_how_to_get_the_png(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
@@ -436,6 +464,12 @@ async def test_a_target_that_refuses_every_connection_is_reported_and_what_finis
     (["--target", "x=postgresql://app@127.0.0.1:9/postgres", "burst", "external"], "external needs --server"),
     (["--target", "x=postgresql://app@127.0.0.1:9/postgres", "--pid", "y=1", "burst"],
      "--pid/--slots y: no target has that name"),
+    (["--target", "x=postgresql://app@127.0.0.1:9/postgres", "--proxy-cpus", "0", "burst"],
+     "--proxy-cpus: only with --spawn"),
+    (["--spawn", "--proxy-cpus", "1-x", "burst"], "--proxy-cpus '1-x': expected CPU numbers"),
+    (["--spawn", "--proxy-cpus", "4096", "burst"], "--proxy-cpus: CPU 4096 is not available"),
+    (["--spawn", "--proxy-cpus", cpu_list(os.sched_getaffinity(0)), "burst"],
+     "--proxy-cpus: leaves no CPU for the server"),
 ])
 async def test_bad_usage_exits_2_saying_what_is_wrong(args: list[str], problem: str) -> None:
     proc = await asyncio.create_subprocess_exec(*LOADTEST, *args, stdout=asyncio.subprocess.PIPE,
