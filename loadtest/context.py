@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from .procs import run_captured
 from .progress import Progress
 from .spawn import Environment
-from .targets import Target, UsageError
+from .targets import Target, UsageError, mask_passwords
 
 
 @dataclass(slots=True)
@@ -80,6 +80,11 @@ class Context:
                    slots={t.name: env.options.slots for t in env.targets
                           if t.kind in ("slotproxy", "pgbouncer")})
 
+    def moment(self, name: str) -> float:
+        """external_at, external_for, restart_at: a third of the duration unless given."""
+        value = getattr(self.knobs, name)
+        return self.knobs.duration / 3 if value is None else value
+
     def knob(self, scenario: str, name: str) -> float:
         value = getattr(self.knobs, name)
         return DEFAULTS[scenario][name] if value is None else value
@@ -122,4 +127,4 @@ async def run_shell(command: str, timeout: float = 300) -> None:
     status, out, _ = await run_captured(["/bin/sh", "-c", command], timeout)
     if status != 0:
         tail = out.decode(errors="replace")[-500:]
-        raise RuntimeError(f"{command!r} exited with {status}: {tail}")
+        raise RuntimeError(f"{mask_passwords(command)!r} exited with {status}: {tail}")

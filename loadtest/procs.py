@@ -128,21 +128,26 @@ async def run_captured(argv: Sequence[str], timeout: float | None = None, *,
 
     It is killed when it overruns `timeout` (a RuntimeError then) or when the caller is
     cancelled, so that no run is left behind. It gets a session of its own: a Ctrl-C in the
-    terminal reaches only the harness.
+    terminal reaches only the harness. Its output goes to files, read once it has exited: a
+    daemon it starts (the server `pg_ctl restart` starts again) keeps a copy of its stdout
+    open, and a pipe would never end.
     """
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT if merge else asyncio.subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        raise RuntimeError(f"{' '.join(argv)[:200]} did not finish within {timeout:g} s") from None
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out, err or b""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out if merge else err,
+            start_new_session=True)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"{' '.join(argv)[:200]} did not finish within {timeout:g} s") from None
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode is not None
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read()
 
 
 async def wait_for(predicate: Callable[[], object], what: str, timeout: float,

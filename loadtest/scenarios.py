@@ -19,7 +19,7 @@ import asyncpg
 from . import stats
 from .clients import CLIENT_ERRORS, Outcome, Recorder, Work, describe, session
 from .context import Context
-from .targets import Target
+from .targets import Target, mask_passwords
 
 RETRY_INTERVAL = 0.05  # how soon a refused external job tries again
 
@@ -127,8 +127,7 @@ async def _leak(ctx: Context, target: Target, rec: Recorder, work: Work) -> dict
 async def _external(ctx: Context, target: Target, rec: Recorder, work: Work) -> dict[str, Any]:
     ctx.require("external")
     duration = ctx.knobs.duration
-    at = ctx.knobs.external_at if ctx.knobs.external_at is not None else duration / 3
-    hold = ctx.knobs.external_for if ctx.knobs.external_for is not None else duration / 3
+    at, hold = ctx.moment("external_at"), ctx.moment("external_for")
     outsiders = Held(rec)
     held = 0
 
@@ -159,7 +158,7 @@ async def _restart(ctx: Context, target: Target, rec: Recorder, work: Work) -> d
     restart = ctx.restarter()
     assert restart is not None
     duration = ctx.knobs.duration
-    at = ctx.knobs.restart_at if ctx.knobs.restart_at is not None else duration / 3
+    at = ctx.moment("restart_at")
     took: list[float] = []
 
     async def restarting() -> None:
@@ -206,6 +205,8 @@ async def run_sessions(name: str, ctx: Context) -> dict[str, Any]:
         try:
             with ctx.progress.showing(rec.status):
                 extra = await body(ctx, target, rec, work)
+        except BaseExceptionGroup as group:  # from a TaskGroup: the error itself, as everywhere else
+            raise _first_error(group) from group
         finally:
             sampler.cancel()
         wall = rec.now()
@@ -221,6 +222,14 @@ async def run_sessions(name: str, ctx: Context) -> dict[str, Any]:
     }
 
 
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first error of a task group's (of several, the others are alike or follow from it)."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 def _params(name: str, ctx: Context) -> dict[str, Any]:
     k = ctx.knobs
     if name == "burst":
@@ -229,9 +238,11 @@ def _params(name: str, ctx: Context) -> dict[str, Any]:
     if name == "leak":
         found["leaked"] = k.leaked
     if name == "external":
-        found.update(external=k.external, external_at=k.external_at, external_for=k.external_for)
+        found.update(external=k.external, external_at=ctx.moment("external_at"),
+                     external_for=ctx.moment("external_for"))
     if name == "restart":
-        found.update(restart_at=k.restart_at, restart_command=k.restart_command)
+        found.update(restart_at=ctx.moment("restart_at"),
+                     restart_command=mask_passwords(k.restart_command) if k.restart_command else None)
     return found
 
 
