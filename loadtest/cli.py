@@ -53,8 +53,8 @@ def parser() -> argparse.ArgumentParser:
                             "add forwarder, a bare uvloop forwarder, for the floor of a transport relay "
                             "in pgbench and relay; add pgbouncer-unpooled, PgBouncer opening a server "
                             "session per client as slotproxy does, the peer for pgbench -C)")
-    spawn.add_argument("--max-connections", type=int, default=20, help="the server's (default 20)")
-    spawn.add_argument("--reserved", type=int, default=3,
+    spawn.add_argument("--max-connections", type=int, help="the server's (default 20)")
+    spawn.add_argument("--reserved", type=int,
                        help="its superuser_reserved_connections (default 3)")
     spawn.add_argument("--proxy-slots", type=int, default=None,
                        help="slotproxy's max_backend_slots and PgBouncer's pool size "
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     spawn.add_argument("--proxy-cpus", metavar="LIST",
                        help="run the proxies on these CPUs (such as 1, or 2-3) and the server, pgbench and "
                             "the harness on the others, so that no proxy takes CPU from the server (Linux)")
-    spawn.add_argument("--queue-timeout", type=float, default=30.0,
+    spawn.add_argument("--queue-timeout", type=float,
                        help="slotproxy's queue_timeout, PgBouncer's query_wait_timeout (default 30)")
     k = Knobs()
     c = p.add_argument_group("a client's session (burst, churn, leak, external, restart)")
@@ -123,6 +123,22 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--no-png", action="store_true", help="skip the PNG timelines")
     out.add_argument("--quiet", action="store_true", help="no progress line")
     return p
+
+
+# Options of --spawn, and their defaults there; with --target they would change nothing.
+SPAWN_ONLY = {"spawn_targets": None, "max_connections": 20, "reserved": 3, "proxy_slots": None,
+              "server_socket": False, "proxy_cpus": None, "queue_timeout": 30.0}
+
+
+def spawn_defaults(args: argparse.Namespace) -> None:
+    """Refuse a --spawn option given without --spawn; else fill in the defaults of those not given."""
+    for flag, default in SPAWN_ONLY.items():
+        value = getattr(args, flag)
+        if value is None or value is False:
+            setattr(args, flag, default)
+        elif not args.spawn:
+            raise UsageError(f"--{flag.replace('_', '-')}: only with --spawn (it sets up what the "
+                             "harness starts; your own targets are as you set them up)")
 
 
 def knobs_from(args: argparse.Namespace) -> Knobs:
@@ -251,20 +267,25 @@ async def main_async(args: argparse.Namespace) -> int:
     from .report import render, write_json
 
     scenarios = expand(args.scenarios)
+    spawn_defaults(args)
     knobs = knobs_from(args)
     progress = Progress(enabled=not args.quiet)
     given = [parse_target(t) for t in args.target]
     if args.spawn == bool(given):
         raise UsageError("give either --spawn or at least one --target NAME=DSN")
-    if args.proxy_cpus is not None and not args.spawn:
-        raise UsageError("--proxy-cpus: only with --spawn (the harness places the processes it starts)")
     if len({t.name for t in given}) != len(given):
         raise UsageError("--target: names must differ")
     pids = dict(parse_number(p, "--pid") for p in args.pid)
     slots = dict(parse_number(s, "--slots") for s in args.slots)
     given = [t if t.name not in pids else type(t)(t.name, t.dsn, t.kind, pids[t.name]) for t in given]
-    json_path = args.json or Path("loadtest-results") / (
-        datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S") + ".json")
+    stem = datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    claimed: list[Path] = [args.json] if args.json else []
+
+    def json_path() -> Path:
+        """--json, or a file of this run's own in loadtest-results/, claimed at the first write."""
+        if not claimed:
+            claimed.append(new_file(Path("loadtest-results"), stem, ".json"))
+        return claimed[0]
 
     started = datetime.datetime.now(datetime.UTC)
 
@@ -285,29 +306,52 @@ async def main_async(args: argparse.Namespace) -> int:
                 for section in sections:
                     print("\n" + render(section), flush=True)
                 doc = document(started, ctx, sections, spawned, notes)
-                doc["incomplete"] = (f"{len(sections)} of {len(scenarios)} finished; "
-                                     f"then {type(e).__name__}: {e}")
-                write_json(json_path, doc)
-                print(f"loadtest: the figures of the {len(sections)} that finished: {json_path}",
+                why = ("interrupted" if isinstance(e, (asyncio.CancelledError, KeyboardInterrupt))
+                       else f"{type(e).__name__}: {e}")
+                doc["incomplete"] = f"{len(sections)} of {len(scenarios)} finished; then {why}"
+                write_json(json_path(), doc)
+                print(f"loadtest: the figures of the {len(sections)} that finished: {json_path()}",
                       file=sys.stderr)
             raise
         doc = document(started, ctx, sections, spawned, notes)
         for section in sections:
             print("\n" + render(section), flush=True)
-        write_json(json_path, doc)  # first: a failure drawing the pictures loses no figure
+        write_json(json_path(), doc)  # first: a failure drawing the pictures loses no figure
         if not args.no_png and any(s["kind"] == "sessions" for s in sections):
-            written, why_not = plot.write(sections, args.png_dir or json_path.parent, json_path.stem)
+            written, why_not = plot.write(sections, args.png_dir or json_path().parent, json_path().stem)
             doc["png"] = [str(p) for p in written]
-            write_json(json_path, doc)
+            write_json(json_path(), doc)
             print("\n" + (f"PNG timelines: {', '.join(str(p) for p in written)}" if written else why_not))
-        print(f"Every figure: {json_path}")
+        print(f"Every figure: {json_path()}")
+        failed = sum(section.get("failed_runs", 0) for section in sections)
+        if failed:  # its figures are missing runs: not a measurement to quote
+            print(f"loadtest: {failed} pgbench runs failed (see 'Runs that failed')", file=sys.stderr)
+            return EXIT_FAILED
         return EXIT_OK
 
     if args.spawn:
         async with Environment(spawn_options(args)) as env:
             return await go(Context.spawned(env, knobs, progress), env.describe(), env.notes)
     ctx = Context(given, knobs, progress, server_dsn=args.server, slots=slots)
-    return await go(ctx, None, [])
+    notes: list[str] = []
+    if len(given) > 1:
+        notes.append("nothing is reset between your targets: server sessions one keeps open (a pooling "
+                     "PgBouncer keeps them up to its server_idle_timeout) take slots from the next")
+    return await go(ctx, None, notes)
+
+
+def new_file(directory: Path, stem: str, suffix: str) -> Path:
+    """directory/stem+suffix, made empty; stem-2, stem-3, ... when taken (runs started in the
+    same second)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        path = directory / f"{stem}{'' if n == 1 else f'-{n}'}{suffix}"
+        try:
+            path.open("x").close()
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def main(argv: list[str] | None = None) -> int:

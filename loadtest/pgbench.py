@@ -101,6 +101,7 @@ async def run(ctx: Context) -> dict[str, Any]:
         "targets": names,
         "order": order,
         "variants": results,
+        "failed_runs": sum(len(res[n]["errors"]) for res in results.values() for n in names),
     }
 
 
@@ -167,8 +168,15 @@ def table(section: dict[str, Any]) -> str:
     errors = {f"{n} {v}": res[n]["errors"][0] for v, res in section["variants"].items()
               for n in names if res[n]["errors"]}
     if errors:
-        text += "\nRuns that failed:\n" + "\n".join(f"  {w}: {e.splitlines()[-1]}" for w, e in errors.items())
+        text += "\nRuns that failed:\n" + "\n".join(f"  {w}: {_gist(e)}" for w, e in errors.items())
     return text
+
+
+def _gist(error: str) -> str:
+    """pgbench's error line and its hint, if any; else the last line of what it said."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith(("pgbench: error:", "pgbench: hint:"))]
+    return " ".join(said) if said else (lines[-1] if lines else "(nothing said)")
 
 
 def _share(share: float | None) -> str:

@@ -7,7 +7,8 @@ import urllib.parse
 from dataclasses import dataclass
 
 # A URI's password (user:PASSWORD@) and a keyword DSN's (password=PASSWORD).
-_PASSWORDS = re.compile(r"(?P<keep>postgres(?:ql)?://[^/@\s]*?:)[^/\s]*(?=@)|(?P<kw>password\s*=\s*)\S+")
+_PASSWORDS = re.compile(r"(?P<keep>postgres(?:ql)?://[^/@\s]*?:)[^/\s]*(?=@)|(?P<kw>password\s*=\s*)\S+",
+                        re.IGNORECASE)  # PGPASSWORD=... in a shell command too
 
 
 def mask_passwords(text: str) -> str:
@@ -47,11 +48,19 @@ class Target:
 
 def parse_target(text: str) -> Target:
     """NAME=postgresql://user[:password]@host:port/database[?...]"""
+    shown = mask_passwords(text)
     name, sep, dsn = text.partition("=")
+    if "://" in name:  # NAME= left out, and the URI's own '=' (?sslmode=...) taken for it
+        raise UsageError(f"--target {shown!r}: expected NAME=DSN, a name first (direct=postgresql://...)")
     if not sep or not name or not dsn:
-        raise UsageError(f"--target {text!r}: expected NAME=DSN")
-    if urllib.parse.urlsplit(dsn).scheme not in ("postgres", "postgresql"):
-        raise UsageError(f"--target {name}: expected a postgresql:// URI, got {dsn!r}")
+        raise UsageError(f"--target {shown!r}: expected NAME=DSN")
+    parts = urllib.parse.urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise UsageError(f"--target {name}: expected a postgresql:// URI, got {mask_passwords(dsn)!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a port out of range, which a connect would wrap around
+    except ValueError as e:
+        raise UsageError(f"--target {name}: {e}") from None
     return Target(name, dsn)
 
 

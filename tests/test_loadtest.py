@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -22,10 +23,11 @@ import asyncpg
 import pytest
 
 from loadtest import callgrind, plot
+from loadtest.cli import new_file
 from loadtest.context import Context, Knobs
 from loadtest.measure import handoff, relay, waiters
 from loadtest.pgbench import run as run_pgbench
-from loadtest.procs import pgbouncer_binary
+from loadtest.procs import pgbouncer_binary, run_captured
 from loadtest.progress import Progress
 from loadtest.report import render
 from loadtest.scenarios import run_sessions
@@ -200,6 +202,39 @@ async def test_restart_mid_run_new_clients_wait_through_slotproxy(spawn: Any) ->
                                             str(results["slotproxy"]["attempts"])]
     assert table_row(table, "succeeded")[:2] == [str(results["direct"]["succeeded"]),
                                                  str(results["slotproxy"]["succeeded"])]
+
+
+async def test_restart_by_your_own_command_returns_once_the_server_is_back(spawn: Any) -> None:
+    # pg_ctl restart leaves the new server with a copy of the command's stdout: the harness
+    # must wait for the command, not for its output to end (it waited 300 s, then failed).
+    env = await spawn()
+    assert env.cluster is not None and env.template is not None
+    template = env.template
+    pg_ctl = [str(template.bindir / "pg_ctl"), "-D", str(env.cluster.datadir), "-l",
+              str(env.cluster.logfile), "-w", "-m", "fast", "restart"]
+    if template.account is not None:  # postgres refuses root: as the clusters of the tests run
+        pg_ctl = ["runuser", "-u", template.account.pw_name, "--", *pg_ctl]
+    before = await _postmaster_started(env)
+    section = await asyncio.wait_for(run_sessions("restart", context(
+        env, rate=10, duration=1.0, hold=0.1, restart_at=0.2, restart_command=shlex.join(pg_ctl))), 90)
+    assert await _postmaster_started(env) > before
+    for r in section["results"]:
+        assert r["extra"]["restart took s"] > 0
+    assert section["params"]["restart_command"] == shlex.join(pg_ctl)
+
+
+async def test_a_command_is_waited_for_not_the_daemons_it_leaves_holding_its_output() -> None:
+    status, out, _ = await run_captured(["/bin/sh", "-c", "sleep 600 & echo $!"], timeout=30)
+    os.kill(int(out.split()[0]), signal.SIGKILL)
+    assert status == 0
+
+
+async def test_the_json_records_the_moments_the_scenario_used(spawn: Any) -> None:
+    env = await spawn(kinds=("slotproxy",))
+    section = await run_sessions("external", context(env, external=1, rate=5, duration=0.6, hold=0.1))
+    assert section["params"]["external_at"] == section["params"]["external_for"] == pytest.approx(0.2)
+    [result] = section["results"]
+    assert result["marks"][0][0] >= 0.2  # when the outsiders came
 
 
 # -- measurements -----------------------------------------------------------------------------
@@ -470,6 +505,14 @@ async def test_a_target_that_refuses_every_connection_is_reported_and_what_finis
     (["--spawn", "--proxy-cpus", "4096", "burst"], "--proxy-cpus: CPU 4096 is not available"),
     (["--spawn", "--proxy-cpus", cpu_list(os.sched_getaffinity(0)), "burst"],
      "--proxy-cpus: leaves no CPU for the server"),
+    (["--target", "x=postgresql://app@127.0.0.1:9/postgres", "--max-connections", "5", "burst"],
+     "--max-connections: only with --spawn"),
+    # NAME= left out: the URI's own '=' is not taken for it, and the password is not shown.
+    (["--target", "postgresql://app:s3cret@127.0.0.1:9/postgres?sslmode=disable", "burst"],
+     "--target 'postgresql://app:***@127.0.0.1:9/postgres?sslmode=disable': expected NAME=DSN"),
+    (["--target", "x=host=127.0.0.1 password=s3cret", "burst"],
+     "--target x: expected a postgresql:// URI, got 'host=127.0.0.1 password=***'"),
+    (["--target", "x=postgresql://app@127.0.0.1:99999/postgres", "burst"], "--target x: Port out of range"),
 ])
 async def test_bad_usage_exits_2_saying_what_is_wrong(args: list[str], problem: str) -> None:
     proc = await asyncio.create_subprocess_exec(*LOADTEST, *args, stdout=asyncio.subprocess.PIPE,
@@ -477,3 +520,50 @@ async def test_bad_usage_exits_2_saying_what_is_wrong(args: list[str], problem: 
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2
     assert err.decode().startswith(f"loadtest: {problem}"), err.decode()
+    assert "s3cret" not in err.decode()
+
+
+async def test_a_failing_restart_command_is_reported_in_one_line_and_its_password_masked(
+        tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens: the clients are refused at once
+    out = tmp_path / "run.json"
+    proc = await asyncio.create_subprocess_exec(
+        *LOADTEST, "--target", f"x=postgresql://app@127.0.0.1:{port}/postgres", "burst", "restart",
+        "--clients", "2", "--rate", "5", "--duration", "0.5", "--restart-at", "0.1",
+        "--restart-command", "PGPASSWORD=s3cret false", "--json", str(out), "--no-png", "--quiet",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    err = stderr.decode()
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1] == "loadtest: 'PGPASSWORD=*** false' exited with 1:", err
+    assert "Traceback" not in err and "s3cret" not in err
+    doc = json.loads(out.read_text())
+    assert doc["incomplete"] == "1 of 2 finished; then RuntimeError: 'PGPASSWORD=*** false' exited with 1: "
+    assert "s3cret" not in out.read_text()
+
+
+async def test_failed_pgbench_runs_are_shown_with_pgbenchs_error_and_the_run_exits_1(
+        tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        *LOADTEST, "--target", f"x=postgresql://app@127.0.0.1:{port}/postgres", "pgbench",
+        "--pgbench-seconds", "1", "--rounds", "1", "--protocols", "simple", "--reconnect", "no",
+        "--json", str(tmp_path / "run.json"), "--quiet",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1, stderr.decode()
+    assert "loadtest: 1 pgbench runs failed" in stderr.decode()
+    assert re.search(r"^  x simple: pgbench: error: connection to server .* failed", stdout.decode(), re.M), \
+        stdout.decode()
+    assert json.loads((tmp_path / "run.json").read_text())["scenarios"][0]["failed_runs"] == 1
+
+
+def test_runs_started_in_the_same_second_keep_a_json_file_each(tmp_path: Path) -> None:
+    first = new_file(tmp_path / "results", "run-20261122-055548", ".json")
+    second = new_file(tmp_path / "results", "run-20261122-055548", ".json")
+    assert (first.name, second.name) == ("run-20261122-055548.json", "run-20261122-055548-2.json")
+    assert first.exists() and second.exists()
