@@ -10,6 +10,7 @@ import asyncio
 import datetime
 import os
 import platform
+import re
 import signal
 import sys
 from pathlib import Path
@@ -90,7 +91,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--external-for", type=float, help="external: how long they stay (default duration/3)")
     c.add_argument("--restart-at", type=float, help="restart: when (default duration/3)")
     c.add_argument("--restart-command", metavar="CMD",
-                   help="restart: a shell command that restarts your server (spawn: pg_ctl restart)")
+                   help="restart: a shell command that restarts your server (spawn: pg_ctl restart); "
+                        "send the server's output to a file (pg_ctl -l FILE): the harness keeps "
+                        "what the command prints only until it exits")
     c.add_argument("--sample-interval", type=float, default=k.sample_interval,
                    help=f"timeline resolution in seconds ({k.sample_interval:g})")
     b = p.add_argument_group("pgbench (select-only, interleaved rounds A B C A B C ...)")
@@ -211,15 +214,19 @@ def parse_cpus(text: str) -> frozenset[int]:
     """--proxy-cpus: CPU numbers and ranges (1,3 or 2-3), each available to us, not all of them."""
     if not hasattr(os, "sched_setaffinity"):
         raise UsageError("--proxy-cpus: this platform does not let a process choose its CPUs")
+    available = os.sched_getaffinity(0)
     cpus: set[int] = set()
     for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        if not first.isdigit() or (dash and not last.isdigit()):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip(), re.ASCII)
+        if m is None:
             raise UsageError(f"--proxy-cpus {text!r}: expected CPU numbers such as 1, 2-3 or 1,3")
-        cpus.update(range(int(first), int(last if dash else first) + 1))
-    available = os.sched_getaffinity(0)
-    if not cpus:
-        raise UsageError(f"--proxy-cpus {text!r}: names no CPU")
+        first, last = int(m[1]), int(m[2] or m[1])
+        if first > last:
+            raise UsageError(f"--proxy-cpus {text!r}: the range {part.strip()} runs backwards")
+        if last > max(available):  # checked before a range is spelled out: 0-99999999999
+            raise UsageError(f"--proxy-cpus: CPU {last} is not available to this process "
+                             f"(it may use {cpu_list(available)})")
+        cpus.update(range(first, last + 1))
     if not cpus <= available:
         raise UsageError(f"--proxy-cpus: CPU {cpu_list(cpus - available)} is not available to this "
                          f"process (it may use {cpu_list(available)})")

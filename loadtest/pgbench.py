@@ -173,10 +173,11 @@ def table(section: dict[str, Any]) -> str:
 
 
 def _gist(error: str) -> str:
-    """pgbench's error line and its hint, if any; else the last line of what it said."""
+    """pgbench's first error line and its first hint; else the last line of what it said."""
     lines = [line.strip() for line in error.splitlines() if line.strip()]
-    said = [line for line in lines if line.startswith(("pgbench: error:", "pgbench: hint:"))]
-    return " ".join(said) if said else (lines[-1] if lines else "(nothing said)")
+    said = [next((line for line in lines if line.startswith(prefix)), "")
+            for prefix in ("pgbench: error:", "pgbench: hint:")]
+    return " ".join(filter(None, said)) or (lines[-1] if lines else "(nothing said)")
 
 
 def _share(share: float | None) -> str:

@@ -126,11 +126,11 @@ async def run_captured(argv: Sequence[str], timeout: float | None = None, *,
                        merge: bool = True) -> tuple[int, bytes, bytes]:
     """Run a command to its end: (exit status, stdout, stderr); with `merge`, stderr is in stdout.
 
-    It is killed when it overruns `timeout` (a RuntimeError then) or when the caller is
-    cancelled, so that no run is left behind. It gets a session of its own: a Ctrl-C in the
-    terminal reaches only the harness. Its output goes to files, read once it has exited: a
-    daemon it starts (the server `pg_ctl restart` starts again) keeps a copy of its stdout
-    open, and a pipe would never end.
+    It is killed, with whatever it started in its process group, when it overruns `timeout`
+    (a RuntimeError then) or when the caller is cancelled, so that no run is left behind. It
+    gets a session of its own: a Ctrl-C in the terminal reaches only the harness. Its output
+    goes to files, read once it has exited: a daemon it starts (the server `pg_ctl restart`
+    starts again) may keep a copy of its stdout open, and a pipe would never end.
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = await asyncio.create_subprocess_exec(
@@ -142,7 +142,10 @@ async def run_captured(argv: Sequence[str], timeout: float | None = None, *,
             raise RuntimeError(f"{' '.join(argv)[:200]} did not finish within {timeout:g} s") from None
         finally:
             if proc.returncode is None:
-                proc.kill()
+                try:  # its whole process group: a shell's children too (pg_ctl's server has its own)
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 await proc.wait()
         assert proc.returncode is not None
         out.seek(0)
@@ -372,6 +375,13 @@ admin_users = postgres
                         "--clear-groups", "--", *argv]
             else:
                 argv = ["runuser", "-u", account.pw_name, "--", *argv]
+        if cpus:
+            # Placed before it changes user: moving another user's process needs CAP_SYS_NICE,
+            # which a container's root often lacks; its own affinity it may always set.
+            taskset = shutil.which("taskset")
+            if taskset is None:
+                raise UsageError("--proxy-cpus: placing PgBouncer needs taskset (util-linux)")
+            argv = [taskset, "--cpu-list", ",".join(str(c) for c in sorted(cpus)), *argv]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
@@ -383,8 +393,6 @@ admin_users = postgres
             await wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
                            "pgbouncer.pid", ready_timeout)
             self.bouncer_pid = int(pidfile.read_text().strip())
-            if cpus:
-                set_cpus(self.bouncer_pid, cpus)
         except BaseException:
             await self.stop()
             raise

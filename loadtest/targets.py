@@ -7,8 +7,9 @@ import urllib.parse
 from dataclasses import dataclass
 
 # A URI's password (user:PASSWORD@) and a keyword DSN's (password=PASSWORD).
-_PASSWORDS = re.compile(r"(?P<keep>postgres(?:ql)?://[^/@\s]*?:)[^/\s]*(?=@)|(?P<kw>password\s*=\s*)\S+",
-                        re.IGNORECASE)  # PGPASSWORD=... in a shell command too
+_PASSWORDS = re.compile(r"(?P<keep>postgres(?:ql)?://[^/@\s]*?:)[^/\s]*(?=@)"
+                        r"|(?P<kw>password\s*=\s*)(?:'[^']*'|\"[^\"]*\"|\S+)",
+                        re.IGNORECASE)  # PGPASSWORD='...' in a shell command too
 
 
 def mask_passwords(text: str) -> str:
@@ -54,13 +55,13 @@ def parse_target(text: str) -> Target:
         raise UsageError(f"--target {shown!r}: expected NAME=DSN, a name first (direct=postgresql://...)")
     if not sep or not name or not dsn:
         raise UsageError(f"--target {shown!r}: expected NAME=DSN")
-    parts = urllib.parse.urlsplit(dsn)
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+        parts.port  # noqa: B018 - raises on a port out of range, which a connect would wrap around
+    except ValueError as e:  # also a malformed [IPv6] host
+        raise UsageError(f"--target {name}: {e}") from None
     if parts.scheme not in ("postgres", "postgresql"):
         raise UsageError(f"--target {name}: expected a postgresql:// URI, got {mask_passwords(dsn)!r}")
-    try:
-        parts.port  # noqa: B018 - raises on a port out of range, which a connect would wrap around
-    except ValueError as e:
-        raise UsageError(f"--target {name}: {e}") from None
     return Target(name, dsn)
 
 

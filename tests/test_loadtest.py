@@ -205,8 +205,9 @@ async def test_restart_mid_run_new_clients_wait_through_slotproxy(spawn: Any) ->
 
 
 async def test_restart_by_your_own_command_returns_once_the_server_is_back(spawn: Any) -> None:
-    # pg_ctl restart leaves the new server with a copy of the command's stdout: the harness
-    # must wait for the command, not for its output to end (it waited 300 s, then failed).
+    # Under uvloop the command held extra copies of its output pipe, and pg_ctl's new server
+    # inherited them (-l moves only its stdout and stderr): the harness must wait for the
+    # command, not for its output to end (it waited 300 s, then failed).
     env = await spawn()
     assert env.cluster is not None and env.template is not None
     template = env.template
@@ -503,6 +504,9 @@ async def test_a_target_that_refuses_every_connection_is_reported_and_what_finis
      "--proxy-cpus: only with --spawn"),
     (["--spawn", "--proxy-cpus", "1-x", "burst"], "--proxy-cpus '1-x': expected CPU numbers"),
     (["--spawn", "--proxy-cpus", "4096", "burst"], "--proxy-cpus: CPU 4096 is not available"),
+    (["--spawn", "--proxy-cpus", "0,3-1", "burst"], "--proxy-cpus '0,3-1': the range 3-1 runs backwards"),
+    (["--spawn", "--proxy-cpus", "\u00b2", "burst"], "--proxy-cpus '\u00b2': expected CPU numbers"),
+    (["--target", "x=postgresql://app:s3cret@[::1/postgres", "burst"], "--target x: Invalid IPv6 URL"),
     (["--spawn", "--proxy-cpus", cpu_list(os.sched_getaffinity(0)), "burst"],
      "--proxy-cpus: leaves no CPU for the server"),
     (["--target", "x=postgresql://app@127.0.0.1:9/postgres", "--max-connections", "5", "burst"],
