@@ -67,6 +67,18 @@ def set_cpus(pid: int, cpus: Iterable[int]) -> None:
             pass  # that thread has ended meanwhile
 
 
+def on_cpus(argv: Sequence[str], cpus: frozenset[int] | None) -> list[str]:
+    """`argv` started on `cpus` (None: anywhere), by taskset: a process may always set its own
+    affinity, where moving another user's (PgBouncer runs as postgres when we are root) needs
+    CAP_SYS_NICE, which a container's root often lacks."""
+    if not cpus:
+        return list(argv)
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise UsageError("--proxy-cpus: placing the proxies needs taskset (util-linux)")
+    return [taskset, "--cpu-list", ",".join(str(c) for c in sorted(cpus)), *argv]
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process so far, from /proc/PID/stat."""
     try:
@@ -246,12 +258,11 @@ class _ListeningChild(Child):
                       cpus: frozenset[int] | None) -> Self:
         with _log_file(log) as out:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                *on_cpus(argv, cpus), stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True)
         self = cls(proc, log)
         self.name = name
         try:
-            if cpus:
-                set_cpus(proc.pid, cpus)
             m = await self._await_log(r"listening on 127\.0\.0\.1:(\d+)", ready_timeout)
         except BaseException:
             await self.stop()
@@ -375,13 +386,7 @@ admin_users = postgres
                         "--clear-groups", "--", *argv]
             else:
                 argv = ["runuser", "-u", account.pw_name, "--", *argv]
-        if cpus:
-            # Placed before it changes user: moving another user's process needs CAP_SYS_NICE,
-            # which a container's root often lacks; its own affinity it may always set.
-            taskset = shutil.which("taskset")
-            if taskset is None:
-                raise UsageError("--proxy-cpus: placing PgBouncer needs taskset (util-linux)")
-            argv = [taskset, "--cpu-list", ",".join(str(c) for c in sorted(cpus)), *argv]
+        argv = on_cpus(argv, cpus)  # before it changes user
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
