@@ -19,8 +19,9 @@ from typing import Any
 import uvloop
 
 from .context import DEFAULTS, Context, Knobs
+from .procs import cpu_list
 from .progress import Progress
-from .spawn import KINDS, Environment, SpawnOptions, cpu_list
+from .spawn import KINDS, Environment, SpawnOptions
 from .targets import UsageError, mask_passwords, parse_number, parse_target
 
 SESSION_SCENARIOS = ("burst", "churn", "leak", "external", "restart")

@@ -67,6 +67,17 @@ def set_cpus(pid: int, cpus: Iterable[int]) -> None:
             pass  # that thread has ended meanwhile
 
 
+def cpu_list(cpus: frozenset[int] | set[int]) -> str:
+    """1,3 or 0-3: as taskset and /proc print them."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def on_cpus(argv: Sequence[str], cpus: frozenset[int] | None) -> list[str]:
     """`argv` started on `cpus` (None: anywhere), by taskset: a process may always set its own
     affinity, where moving another user's (PgBouncer runs as postgres when we are root) needs
@@ -76,7 +87,7 @@ def on_cpus(argv: Sequence[str], cpus: frozenset[int] | None) -> list[str]:
     taskset = shutil.which("taskset")
     if taskset is None:
         raise UsageError("--proxy-cpus: placing the proxies needs taskset (util-linux)")
-    return [taskset, "--cpu-list", ",".join(str(c) for c in sorted(cpus)), *argv]
+    return [taskset, "--cpu-list", cpu_list(cpus), *argv]
 
 
 def cpu_seconds(pid: int) -> float | None:

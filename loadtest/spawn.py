@@ -24,6 +24,7 @@ from .procs import (
     ForwarderProcess,
     PgBouncerProcess,
     SlotproxyProcess,
+    cpu_list,
     pgbouncer_binary,
     raise_fd_limit,
     run_captured,
@@ -248,17 +249,6 @@ class Environment:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
-
-
-def cpu_list(cpus: frozenset[int] | set[int]) -> str:
-    """1,3 or 0-3: as taskset and /proc print them."""
-    runs: list[list[int]] = []
-    for cpu in sorted(cpus):
-        if runs and cpu == runs[-1][1] + 1:
-            runs[-1][1] = cpu
-        else:
-            runs.append([cpu, cpu])
-    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _dsn(port: int, user: str = APP_ROLE) -> str:

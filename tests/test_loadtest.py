@@ -27,11 +27,11 @@ from loadtest.cli import new_file
 from loadtest.context import Context, Knobs
 from loadtest.measure import handoff, relay, waiters
 from loadtest.pgbench import run as run_pgbench
-from loadtest.procs import pgbouncer_binary, run_captured
+from loadtest.procs import cpu_list, pgbouncer_binary, run_captured
 from loadtest.progress import Progress
 from loadtest.report import render
 from loadtest.scenarios import run_sessions
-from loadtest.spawn import Environment, SpawnOptions, cpu_list
+from loadtest.spawn import Environment, SpawnOptions
 from slotproxy.cluster import Template
 
 from .conftest import wait_until
