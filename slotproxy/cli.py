@@ -258,9 +258,18 @@ async def _serve(cfg: config.Config, path: str | None, overrides: list[config.Ov
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    def supervisor_lost() -> None:
+        nonlocal signals_seen
+        if signals_seen == 0:
+            signals_seen = 1  # as a first signal: a SIGTERM after it closes at once
+            logger.warning("the supervisor is gone: shutting down gracefully")
+            stop(proxy.shutdown)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    if channel is not None:
+        channel.when_lost(supervisor_lost)
     await stopped.wait()
     if channel is not None:
         await channel.close()

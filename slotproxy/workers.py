@@ -79,13 +79,20 @@ def _encode(command: str, args: tuple[str, ...]) -> bytes:
 
 
 class ControlChannel:
-    """A worker's line to its supervisor."""
+    """A worker's line to its supervisor.
+
+    Its end (EOF) means the supervisor is gone, killed or crashed: a worker left
+    on its own would keep its share of the server's slots on top of what a new
+    supervisor's workers take, so it stops (see `when_lost`).
+    """
 
     def __init__(self, fd: int, apply: Callable[..., Awaitable[object]]) -> None:
         self.fd = fd
         self.apply = apply
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
+        self._lost = False
+        self._on_lost: Callable[[], None] | None = None
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_connection(sock=socket.socket(fileno=self.fd))
@@ -98,6 +105,15 @@ class ControlChannel:
                 await self.apply(message["command"], *message["args"])
             except Exception as e:  # a bad reload is logged by the proxy; keep listening
                 logger.warning("control command %s failed here: %s", message["command"], e)
+        self._lost = True
+        if self._on_lost is not None:
+            self._on_lost()
+
+    def when_lost(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the supervisor is gone (at once if it is already)."""
+        self._on_lost = callback
+        if self._lost:
+            callback()
 
     def send(self, command: str, args: tuple[str, ...]) -> None:
         if self._writer is not None:

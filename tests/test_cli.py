@@ -63,21 +63,25 @@ class ProxyProcess:
 
 @pytest.fixture
 async def run_proxy() -> AsyncIterator[Callable[..., Any]]:
-    """`slotproxy run ARGS...` in a subprocess; killed at the end of the test if still running."""
+    """`slotproxy run ARGS...` in a subprocess; killed at the end of the test with its
+    workers (its process group), whatever is still running."""
     started: list[ProxyProcess] = []
 
     async def run(*args: str) -> ProxyProcess:
         proc = await asyncio.create_subprocess_exec(*SLOTPROXY, "run", *args,
-                                                    stderr=asyncio.subprocess.PIPE)
+                                                    stderr=asyncio.subprocess.PIPE,
+                                                    start_new_session=True)
         p = ProxyProcess(proc)
         started.append(p)
         return p
 
     yield run
     for p in started:
-        if p.proc.returncode is None:
-            p.proc.kill()
-            await p.proc.wait()
+        try:
+            os.killpg(p.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        await p.proc.wait()
 
 
 @pytest.fixture
@@ -320,6 +324,35 @@ async def test_a_restarted_worker_is_paused_like_the_others(
     await wait_until(lambda: paused("W0") == 2, "the restarted worker paused as well", timeout=15)
     p.proc.send_signal(signal.SIGTERM)
     assert await p.wait_exit() == 0
+
+
+def exited(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie counts: nobody may reap an orphan here)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_workers_stop_gracefully_when_the_supervisor_is_killed(
+        pg: Cluster, tmp_path: Path, run_proxy: Any) -> None:
+    p, port = await two_workers(pg, tmp_path, run_proxy, "")
+    pids = [int(m.group(1)) for line in p.lines if (m := re.search(r"worker \d started \(pid (\d+)", line))]
+    assert len(pids) == 2
+    conn = await asyncpg.connect(host="127.0.0.1", port=port, user="app", database="postgres")
+    p.proc.kill()  # as the OOM killer would: no signal reaches the workers
+    await p.proc.wait()
+    await wait_until(lambda: p.log().count("the supervisor is gone: shutting down gracefully") == 2,
+                     "both workers to see that the supervisor is gone")
+    # Orphans would hold their share of the server's slots beside a new supervisor's workers:
+    # they stop taking clients, and the session open goes on until its client ends it.
+    with pytest.raises(ConnectionRefusedError):
+        await asyncpg.connect(host="127.0.0.1", port=port, user="app", database="postgres")
+    assert await conn.fetchval("select 6 * 7") == 42
+    assert not all(exited(pid) for pid in pids), "the worker with a session waits for it"
+    await conn.close()
+    await wait_until(lambda: all(exited(pid) for pid in pids), "both workers to exit", timeout=15)
 
 
 async def test_json_logs_carry_the_connection_fields(pg: Cluster, start_proxy: Any) -> None:
