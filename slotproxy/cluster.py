@@ -219,6 +219,9 @@ class Cluster:
 
     def remove(self) -> None:
         try:
+            # Also a server whose start timed out and came up after all.
+            if (self.datadir / "postmaster.pid").exists():
+                self.running = True
             self.stop("immediate")
         finally:
             shutil.rmtree(self.datadir, ignore_errors=True)

@@ -80,8 +80,19 @@ def cluster_factory(pg_template: Template) -> Iterator[Callable[..., Cluster]]:
         return cluster
 
     yield make
-    for cluster in made:
-        cluster.remove()
+    remove_all(made)
+
+
+def remove_all(clusters: list[Any]) -> None:
+    """Remove every one of `clusters`, each even if another failed; then raise the first error."""
+    errors = []
+    for cluster in clusters:
+        try:
+            cluster.remove()
+        except Exception as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture
@@ -153,7 +164,10 @@ class PeakWatcher:
             await asyncio.sleep(0.005)  # sampling interval, not a wait
 
     async def stop(self) -> int:
+        """The peak; raises if sampling failed, as a peak it stopped counting means nothing."""
         self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        [outcome] = await asyncio.gather(self.task, return_exceptions=True)
         await self.conn.close()
+        if not isinstance(outcome, asyncio.CancelledError):
+            raise AssertionError(f"the peak watcher stopped sampling: {outcome!r}")
         return self.peak

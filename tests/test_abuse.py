@@ -68,17 +68,24 @@ async def test_a_thousand_silent_sockets_delay_nobody_and_are_closed(
     if hard < 2600:
         pytest.skip(f"needs 2,600 file descriptors here, the hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2600), hard))
-    proxy = await proxy_factory(pg, proxy={"startup_timeout": 2})
-    swarm = await asyncio.gather(*(RawClient.connect(**at(proxy)) for _ in range(1000)))
-    await wait_until(lambda: len(proxy.sessions) == 1000, "the swarm accepted")
+    swarm: list[RawClient] = []
+    try:
+        # startup_timeout leaves the swarm time to be accepted whole on a slow machine.
+        proxy = await proxy_factory(pg, proxy={"startup_timeout": 5})
+        swarm = await asyncio.gather(*(RawClient.connect(**at(proxy)) for _ in range(1000)))
+        await wait_until(lambda: len(proxy.sessions) == 1000, "the swarm accepted")
 
-    conn = await asyncpg.connect(**at(proxy), user="app", database="postgres", timeout=5)
-    assert await conn.fetchval("select 1") == 1  # a real client gets through meanwhile
-    await conn.close()
+        conn = await asyncpg.connect(**at(proxy), user="app", database="postgres", timeout=5)
+        assert await conn.fetchval("select 1") == 1  # a real client gets through meanwhile
+        await conn.close()
 
-    closed = await asyncio.gather(*(raw.read_eof(timeout=15) for raw in swarm))
-    assert closed == [b""] * 1000, "each silent socket closed at startup_timeout, without a word"
-    await wait_until(lambda: not proxy.sessions, "no session left")
+        closed = await asyncio.gather(*(raw.read_eof(timeout=20) for raw in swarm))
+        assert closed == [b""] * 1000, "each silent socket closed at startup_timeout, without a word"
+        await wait_until(lambda: not proxy.sessions, "no session left")
+    finally:
+        for raw in swarm:
+            raw.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_running_out_of_file_descriptors_pauses_accepting_and_recovers(

@@ -26,9 +26,15 @@ SLOTPROXY = [sys.executable, "-m", "slotproxy"]
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *SLOTPROXY, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode, out.decode(), err.decode()
+        *SLOTPROXY, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:  # overran: with whatever it started (workers)
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    return proc.returncode, out.decode(), err.decode()  # type: ignore[return-value]
 
 
 class ProxyProcess:
@@ -205,8 +211,8 @@ async def test_sigterm_refuses_waiters_with_57P01_and_lets_sessions_finish(
         assert refused.value.sqlstate == "57P01"
         assert "slotproxy is shutting down" in str(refused.value)
 
-    with pytest.raises(OSError):
-        await p.connect()  # no longer accepting
+    with pytest.raises(ConnectionRefusedError):
+        await p.connect(timeout=10)  # no longer accepting
     for conn in live:  # live sessions carry on
         assert await conn.fetchval("select 7") == 7
     assert p.proc.returncode is None
@@ -384,6 +390,9 @@ async def test_hash_password_makes_a_verifier_postgresql_accepts(pg: Cluster) ->
                                  database="postgres")
     assert await conn.fetchval("select current_user") == "hashed"
     await conn.close()
+    with pytest.raises(asyncpg.InvalidPasswordError):  # the rule is in force: no trust for it
+        await asyncpg.connect(host=pg.host, port=pg.port, user="hashed", password="test pass",
+                              database="postgres")
 
 
 async def test_status_command_prints_who_waits(pg: Cluster, start_proxy: Any) -> None:

@@ -305,7 +305,7 @@ AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
 
 @pytest.mark.parametrize("first", [AUTH_OK + ADMIN_SHUTDOWN, ADMIN_SHUTDOWN],
                          ids=["after-trust-auth", "before-auth"])
-async def test_a_backend_ended_while_it_starts_is_retried_not_passed_on(first: bytes) -> None:
+async def test_a_backend_ended_while_it_starts_is_taken_for_a_refusal_to_retry(first: bytes) -> None:
     # No server stops on cue inside that window (post_auth_delay holds the signal until the
     # first query), so the server's first answer is fed to the decision as it was captured.
     loop = asyncio.get_running_loop()

@@ -41,6 +41,30 @@ SMALL = {"max_connections": 6, "reserved": 1}
 LOADTEST = [sys.executable, "-m", "loadtest"]
 
 
+async def harness(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """`python -m loadtest ARGS`: exit code, stdout, stderr. Stopped by SIGTERM if it
+    overruns or the test fails (the harness then stops what it started), killed if that
+    does not end it."""
+    proc = await asyncio.create_subprocess_exec(*LOADTEST, *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        await stop_harness(proc)
+    return proc.returncode, stdout.decode(), stderr.decode()  # type: ignore[return-value]
+
+
+async def stop_harness(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 @pytest.fixture
 async def spawn(pg_template: Template) -> AsyncIterator[Callable[..., Any]]:
     started: list[Environment] = []
@@ -52,8 +76,14 @@ async def spawn(pg_template: Template) -> AsyncIterator[Callable[..., Any]]:
         return await env.__aenter__()
 
     yield make
-    for env in started:
-        await env.close()
+    errors = []
+    for env in started:  # each, even if another failed
+        try:
+            await env.close()
+        except Exception as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def context(env: Environment, **knobs: Any) -> Context:
@@ -113,13 +143,11 @@ async def test_burst_direct_reports_the_servers_53300_refusals_and_slotproxy_non
 
 async def test_burst_from_the_command_line_writes_json_matching_its_table(tmp_path: Path) -> None:
     out = tmp_path / "run.json"
-    proc = await asyncio.create_subprocess_exec(
-        *LOADTEST, "--spawn", "--spawn-targets", "direct,slotproxy", "--max-connections", "6",
+    code, text, stderr = await harness(
+        "--spawn", "--spawn-targets", "direct,slotproxy", "--max-connections", "6",
         "--reserved", "1", "burst", "--clients", "20", "--hold", "0.2", "--json", str(out),
-        "--png-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
-    text = stdout.decode()
-    assert proc.returncode == 0, stderr.decode()
+        "--png-dir", str(tmp_path), timeout=120)
+    assert code == 0, stderr
     doc = json.loads(out.read_text())
     [section] = doc["scenarios"]
     results = by_target(section)
@@ -130,7 +158,7 @@ async def test_burst_from_the_command_line_writes_json_matching_its_table(tmp_pa
     assert results["slotproxy"]["succeeded"] == 20
     assert f"Every figure: {out}" in text
     assert doc["png"] or plot.HOW_TO_GET in text
-    assert "burst direct:" in stderr.decode()  # the progress line
+    assert "burst direct:" in stderr  # the progress line
 
 
 # -- the other incidents -----------------------------------------------------------------------
@@ -452,16 +480,14 @@ async def test_interrupted_run_stops_what_it_started(tmp_path: Path) -> None:
         "--json", str(tmp_path / "never.json"), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
     assert proc.stderr is not None
-    line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
-    [port] = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]
     try:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+        [port] = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]
         await wait_until(lambda: _listening(port), "the spawned slotproxy to listen")
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await stop_harness(proc)
     assert proc.returncode == 1, err.decode()
     assert "interrupted; everything it started is stopped" in err.decode()
     assert not _listening(port)
@@ -475,18 +501,16 @@ async def test_a_target_that_refuses_every_connection_is_reported_and_what_finis
         port = s.getsockname()[1]  # nobody listens here once closed
     out = tmp_path / "run.json"
     # burst records the refusals; relay cannot run at all through it, and stops the run.
-    proc = await asyncio.create_subprocess_exec(
-        *LOADTEST, "--target", f"nobody=postgresql://app:s3cret@127.0.0.1:{port}/postgres", "burst",
-        "relay", "--clients", "3", "--connect-timeout", "5", "--json", str(out), "--no-png", "--quiet",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1, stderr.decode()
-    assert "loadtest: relay through nobody: psql failed" in stderr.decode()
+    code, stdout, stderr = await harness(
+        "--target", f"nobody=postgresql://app:s3cret@127.0.0.1:{port}/postgres", "burst",
+        "relay", "--clients", "3", "--connect-timeout", "5", "--json", str(out), "--no-png", "--quiet")
+    assert code == 1, stderr
+    assert "loadtest: relay through nobody: psql failed" in stderr
     doc = json.loads(out.read_text())
     assert doc["incomplete"].startswith("1 of 2 finished; then RuntimeError: relay through nobody")
     [result] = doc["scenarios"][0]["results"]
     assert result["refused"] == {"ConnectionRefusedError": 3} and result["succeeded"] == 0
-    assert table_row(stdout.decode(), "refused ConnectionRefusedError") == ["3"]
+    assert table_row(stdout, "refused ConnectionRefusedError") == ["3"]
     assert "s3cret" not in out.read_text() and "app:***@" in " ".join(doc["command"])
 
 
@@ -519,12 +543,10 @@ async def test_a_target_that_refuses_every_connection_is_reported_and_what_finis
     (["--target", "x=postgresql://app@127.0.0.1:99999/postgres", "burst"], "--target x: Port out of range"),
 ])
 async def test_bad_usage_exits_2_saying_what_is_wrong(args: list[str], problem: str) -> None:
-    proc = await asyncio.create_subprocess_exec(*LOADTEST, *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 2
-    assert err.decode().startswith(f"loadtest: {problem}"), err.decode()
-    assert "s3cret" not in err.decode()
+    code, _, err = await harness(*args)
+    assert code == 2
+    assert err.startswith(f"loadtest: {problem}"), err
+    assert "s3cret" not in err
 
 
 async def test_a_failing_restart_command_is_reported_in_one_line_and_its_password_masked(
@@ -533,14 +555,11 @@ async def test_a_failing_restart_command_is_reported_in_one_line_and_its_passwor
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nobody listens: the clients are refused at once
     out = tmp_path / "run.json"
-    proc = await asyncio.create_subprocess_exec(
-        *LOADTEST, "--target", f"x=postgresql://app@127.0.0.1:{port}/postgres", "burst", "restart",
+    code, _, err = await harness(
+        "--target", f"x=postgresql://app@127.0.0.1:{port}/postgres", "burst", "restart",
         "--clients", "2", "--rate", "5", "--duration", "0.5", "--restart-at", "0.1",
-        "--restart-command", "PGPASSWORD=s3cret false", "--json", str(out), "--no-png", "--quiet",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
-    err = stderr.decode()
-    assert proc.returncode == 1, err
+        "--restart-command", "PGPASSWORD=s3cret false", "--json", str(out), "--no-png", "--quiet")
+    assert code == 1, err
     assert err.strip().splitlines()[-1] == "loadtest: 'PGPASSWORD=*** false' exited with 1:", err
     assert "Traceback" not in err and "s3cret" not in err
     doc = json.loads(out.read_text())
@@ -553,16 +572,13 @@ async def test_failed_pgbench_runs_are_shown_with_pgbenchs_error_and_the_run_exi
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = await asyncio.create_subprocess_exec(
-        *LOADTEST, "--target", f"x=postgresql://app@127.0.0.1:{port}/postgres", "pgbench",
+    code, stdout, stderr = await harness(
+        "--target", f"x=postgresql://app@127.0.0.1:{port}/postgres", "pgbench",
         "--pgbench-seconds", "1", "--rounds", "1", "--protocols", "simple", "--reconnect", "no",
-        "--json", str(tmp_path / "run.json"), "--quiet",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1, stderr.decode()
-    assert "loadtest: 1 pgbench runs failed" in stderr.decode()
-    assert re.search(r"^  x simple: pgbench: error: connection to server .* failed", stdout.decode(), re.M), \
-        stdout.decode()
+        "--json", str(tmp_path / "run.json"), "--quiet")
+    assert code == 1, stderr
+    assert "loadtest: 1 pgbench runs failed" in stderr
+    assert re.search(r"^  x simple: pgbench: error: connection to server .* failed", stdout, re.M), stdout
     assert json.loads((tmp_path / "run.json").read_text())["scenarios"][0]["failed_runs"] == 1
 
 

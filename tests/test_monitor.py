@@ -51,27 +51,30 @@ async def test_capacity_follows_slots_taken_by_others(
     pg = cluster_factory(max_connections=10, superuser_reserved_connections=3)
     proxy = await proxy_factory(pg, **monitored(pg, interval=0.5))
     outsiders = [await asyncpg.connect(pg.dsn("app")) for _ in range(5)]
-    watcher = PeakWatcher(await asyncpg.connect(pg.dsn()))
-    # 10 slots: 3 reserved, 5 outsiders, our monitor, the watcher: nothing left for clients.
+    dba = await asyncpg.connect(pg.dsn())  # a superuser's session: it takes a slot too
+    # 10 slots: 3 reserved, 5 outsiders, our monitor, the DBA: nothing left for clients.
     await wait_until(lambda: proxy.capacity.capacity == 0 and proxy.capacity.external == 7,
-                     "the monitor to count the outsiders, itself and the watcher")
+                     "the monitor to count the outsiders, itself and the DBA")
 
     clients = [asyncio.create_task(alice(proxy)) for _ in range(40)]
     await wait_until(lambda: proxy.gate.admission.waiting == 40, "forty clients waiting")
-    loop = asyncio.get_running_loop()
-    freed_at = loop.time()
     for conn in outsiders:
         await conn.close()
+    polls = proxy.monitor.polls
     await wait_until(lambda: len(proxy.gate.admission.holders) > 0, "the first admission")
-    reaction = loop.time() - freed_at
+    # Freed by others: only a poll tells. One may have started before the closes, or
+    # seen a backend still exiting; the one after it must admit.
+    assert proxy.monitor.polls - polls <= 2, "admitted by the second poll after the slots freed"
 
     results = await asyncio.gather(*clients)
+    # A client let into a slot the server did not have would be refused after its password
+    # exchange (53300), which the proxy cannot retry: it would be among the errors.
     errors = [r for r in results if isinstance(r, Exception)]
-    peak = await watcher.stop()
     assert not errors, errors[:3]
-    assert peak <= 7, f"{peak} non-superuser client backends; the server has 7 usable slots"
-    assert reaction < 3 * 0.5, f"admitted {reaction:.2f} s after the slots freed (interval 0.5 s)"
     assert proxy.gate.post_auth_refusals == 0 and proxy.gate.server_refusals == 0
+    await wait_until(lambda: proxy.capacity.external == 2 and proxy.capacity.capacity == 5,
+                     "capacity 5: the seven usable slots less the monitor and the DBA")
+    await dba.close()
 
 
 async def test_a_password_client_is_kept_out_of_the_reserved_slots(
@@ -136,9 +139,14 @@ async def test_a_blind_monitor_falls_back_to_the_fixed_cap_and_recovers(
     conns = [await asyncpg.connect(**at(proxy), user="app", database="postgres") for _ in range(2)]
     third = asyncio.create_task(asyncpg.connect(**at(proxy), user="app", database="postgres"))
     await wait_until(lambda: proxy.gate.admission.waiting == 1, "the fixed cap holding the third")
-    blind_lines = [r for r in caplog.records if " blind (" in r.getMessage()
-                   and r.getMessage().startswith("monitor of")]
-    assert len(blind_lines) == 1, "the change is logged once, not at every retry"
+
+    def blind_lines() -> int:
+        return sum(1 for r in caplog.records if " blind (" in r.getMessage()
+                   and r.getMessage().startswith("monitor of"))
+
+    refused = 'password authentication failed for user "slotmon"'
+    await wait_until(lambda: pg.log_text().count(refused) >= 3, "the monitor to retry twice")
+    assert blind_lines() == 1, "the change is logged once, not at every retry"
 
     if problem == "role missing":
         pg.psql("create role slotmon login password 's3cret' in role pg_monitor")
@@ -163,11 +171,13 @@ async def test_two_proxies_share_one_server(cluster_factory: Any, proxy_factory:
 
     results = await asyncio.gather(*(alice(p, hold=0.05) for p in proxies for _ in range(60)))
     peak = await watcher.stop()
+    # Going past the server's slots would show as a password client refused after its
+    # exchange (53300, not retryable): among the errors. The peak is what they shared.
     errors = [r for r in results if isinstance(r, Exception)]
     assert len(results) == 120 and not errors, errors[:3]
-    usable = 12 - 3 - 2 - 3  # headroom and the three superuser connections taken out
-    assert peak <= usable + 2 * (2 - 1) * 1, f"peak {peak} over usable {usable} + the bound"
     assert all(p.gate.post_auth_refusals == 0 for p in proxies)
+    # 6 slots for non-superusers; each proxy aims at what is free less the headroom, 2.
+    assert peak >= 4, f"the two proxies shared the server's slots: peak {peak}"
 
 
 async def test_no_fork_storm_when_the_server_comes_back(cluster_factory: Any, proxy_factory: Any) -> None:

@@ -22,7 +22,7 @@ from slotproxy.metrics import Stats, wait_histogram
 from slotproxy.scram import Verifier
 from slotproxy.server import Proxy
 
-from .conftest import wait_until
+from .conftest import PROXY_CLOSE_TIMEOUT, wait_until
 from .pgraw import RawClient
 
 OPS_PASSWORD = "correct horse battery staple"
@@ -279,7 +279,7 @@ async def test_console_reload_applies_a_new_file(pg: Cluster, tmp_path: Path) ->
         assert await holder.fetchval("select 1") == 1
         await holder.close()
     finally:
-        await proxy.abort()
+        await asyncio.wait_for(proxy.abort(), PROXY_CLOSE_TIMEOUT)  # a leak fails, not hangs
 
 
 async def test_reload_to_a_new_server_moves_waiters_there_and_keeps_the_pause(
@@ -316,7 +316,7 @@ async def test_reload_to_a_new_server_moves_waiters_there_and_keeps_the_pause(
         await wait_until(lambda: old_server not in proxy.upstreams, "the old server let go", timeout=5)
         await moved.close()
     finally:
-        await proxy.abort()
+        await asyncio.wait_for(proxy.abort(), PROXY_CLOSE_TIMEOUT)  # a leak fails, not hangs
 
 
 async def test_a_client_refused_while_its_route_was_removed_leaves_no_trace(
@@ -357,6 +357,6 @@ async def test_a_client_refused_while_its_route_was_removed_leaves_no_trace(
         assert await bar.fetchval("select 1") == 1
         await bar.close()
     finally:
-        await proxy.abort()
+        await asyncio.wait_for(proxy.abort(), PROXY_CLOSE_TIMEOUT)  # a leak fails, not hangs
         for conn in strangers:
             await conn.close()

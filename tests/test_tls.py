@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import struct
 from pathlib import Path
@@ -15,7 +16,7 @@ from slotproxy import wire
 from slotproxy.cluster import Cluster
 from slotproxy.server import Proxy
 
-from .conftest import ALICE_PASSWORD, HBA
+from .conftest import ALICE_PASSWORD, HBA, PROXY_CLOSE_TIMEOUT
 from .pgraw import RawClient
 from .tlsfiles import CA
 
@@ -111,7 +112,8 @@ async def test_allow_serves_both(pg: Cluster, proxy_factory: Any, proxy_cert: tu
 
 
 async def test_direct_tls_with_alpn(pg: Cluster, proxy_factory: Any, ca: CA,
-                                   proxy_cert: tuple[Path, Path]) -> None:
+                                   proxy_cert: tuple[Path, Path], caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="slotproxy")
     cert, key = proxy_cert
     proxy = await proxy_factory(pg, tls={"client_tls": "require", "cert_file": str(cert),
                                          "key_file": str(key)})
@@ -260,4 +262,4 @@ async def test_reload_picks_up_new_certificate_files(
         assert before != after
         assert ssl.DER_cert_to_PEM_cert(after).strip() == new_cert.decode().strip()
     finally:
-        await proxy.abort()
+        await asyncio.wait_for(proxy.abort(), PROXY_CLOSE_TIMEOUT)  # a leak fails, not hangs
