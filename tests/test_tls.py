@@ -177,6 +177,24 @@ async def test_with_a_certificate_of_its_own_the_proxy_drops_scram_plus(
     assert code == 2 and "SCRAM channel binding negotiation error" in out
 
 
+@pytest.mark.parametrize(("client_tls", "sslmode"), [("disable", "prefer"), ("allow", "require"),
+                                                  ("passthrough", "prefer")])
+async def test_a_plain_text_libpq_client_logs_in_with_scram_when_the_server_is_on_tls(
+        tls_server: Cluster, proxy_factory: Any, proxy_cert: tuple[Path, Path], client_tls: str,
+        sslmode: str) -> None:
+    # ssl = on is the default of Debian's and Ubuntu's packages. The server offers
+    # SCRAM-SHA-256-PLUS on its TLS connection with the proxy; libpq on plain text
+    # refuses a server that offers it ("... over a non-SSL connection").
+    cert, key = proxy_cert
+    tls = {"client_tls": client_tls}
+    if client_tls == "allow":
+        tls.update(cert_file=str(cert), key_file=str(key))
+    proxy = await proxy_factory(tls_server, backend={"sslmode": sslmode}, tls=tls)
+    code, out = await psql(proxy, f"{SSL_ON_SERVER}; select current_user", "user=alice sslmode=disable",
+                           ALICE_PASSWORD)
+    assert (code, out) == (0, "t\nalice"), out
+
+
 async def psql_direct(cluster: Cluster, sql: str, conninfo: str, password: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         "psql", "-X", "-w", "-At", f"host={cluster.host} port={cluster.port} dbname=postgres {conninfo}",
