@@ -80,10 +80,14 @@ def from_view(view: ServerView, fixed: int | None, headroom: int) -> Snapshot:
 
 
 def blind(fixed: int | None, last: Snapshot | None, why: str) -> Snapshot:
-    """Without a view: the fixed cap, or with "auto" the last capacity seen (else no limit)."""
+    """Without a view: the fixed cap, or with "auto" the last capacity seen (else no limit).
+
+    `last` may be blind itself: it carries the capacity from before, for every poll
+    the monitor stays blind.
+    """
     if fixed is not None:
         capacity: int | None = fixed
-    elif last is not None and not last.blind:
+    elif last is not None:
         capacity = last.capacity
     else:
         capacity = None

@@ -160,6 +160,29 @@ async def test_a_blind_monitor_falls_back_to_the_fixed_cap_and_recovers(
     await (await third).close()
 
 
+async def test_a_monitor_blind_for_many_polls_keeps_the_last_capacity_it_saw(
+        cluster_factory: Any, proxy_factory: Any) -> None:
+    pg = cluster_factory(max_connections=10, superuser_reserved_connections=3, hba=MONITOR_HBA)
+    pg.psql("create role slotmon login password 's3cret' in role pg_monitor")
+    proxy = await proxy_factory(pg, monitor={"dsn": pg.dsn("slotmon", password="s3cret"), "interval": 0.1},
+                                admission={"max_backend_slots": "auto", "queue_timeout": 60})
+    await wait_until(lambda: proxy.capacity.capacity == 6, "capacity 6: 7 usable less the monitor")
+    pg.psql("alter role slotmon password 'other'")
+    pg.psql("select pg_terminate_backend(pid) from pg_stat_activity where usename = 'slotmon'")
+    await wait_until(lambda: proxy.capacity.blind, "the monitor blind")
+    refused = 'password authentication failed for user "slotmon"'
+    await wait_until(lambda: pg.log_text().count(refused) >= 3, "the monitor to stay blind a while")
+
+    # Password clients: one let in past the server's slots would be refused after its
+    # exchange, for good. The last capacity seen holds them back instead.
+    clients = [asyncio.create_task(alice(proxy, hold=1.0)) for _ in range(9)]
+    await wait_until(lambda: proxy.gate.admission.waiting == 3, "three clients waiting")
+    assert len(proxy.gate.admission.holders) == 6 and proxy.capacity.capacity == 6
+    results = await asyncio.gather(*clients)
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert proxy.gate.post_auth_refusals == 0
+
+
 async def test_two_proxies_share_one_server(cluster_factory: Any, proxy_factory: Any) -> None:
     # 12 slots, 3 reserved: 9 for non-superusers, 2 of them taken by the monitors and
     # 1 by the watcher. N=2 instances, max_connecting=1: headroom 2*(N-1)*1 = 2.
