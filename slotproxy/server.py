@@ -98,6 +98,7 @@ class Proxy:
         self.sessions: set[Session] = set()
         self.cancel_keys: dict[tuple[int, bytes], Session] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._deliveries: set[asyncio.Task[Any]] = set()  # of _tasks: waited for at shutdown
         self._retiring: dict[Address, asyncio.Task[None]] = {}  # servers let go once empty
         self._listeners: list[Listener] = []
         self.over_limit: set[Session] = set()  # refused for proxy.max_clients: being told so
@@ -191,6 +192,10 @@ class Proxy:
             listener.close()
 
     async def _drain_tasks(self) -> None:
+        # Cancel requests on their way free server slots: delivered, each within
+        # backend.connect_timeout. The rest is stopped.
+        if self._deliveries:
+            await asyncio.wait(list(self._deliveries))
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -404,9 +409,13 @@ class Proxy:
     def monitor(self) -> Monitor | None:
         return self.primary.monitor
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run a helper task the proxy keeps referenced until it ends."""
+    def spawn(self, coro: Coroutine[Any, Any, Any], deliver: bool = False) -> asyncio.Task[Any]:
+        """Run a helper task the proxy keeps referenced until it ends; with `deliver`,
+        one that shutting down waits for (it must be bounded in time itself)."""
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if deliver:
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
         return task

@@ -47,6 +47,7 @@ EARLY_BYTES_LIMIT = 64 * 1024
 CLIENT_FLUSH_TIMEOUT = 10.0
 TERMINATE = b"X\x00\x00\x00\x04"
 _FALSE = frozenset({"false", "off", "no", "0"})
+_IDLE_STATES = frozenset({wire.IDLE, wire.IDLE_IN_TRANSACTION, wire.IDLE_IN_FAILED_TRANSACTION})
 
 
 class Phase(enum.Enum):
@@ -240,8 +241,17 @@ class Session:
             self.task.cancel()
 
     def stop(self) -> None:
-        """End this session now (shutdown timeout, second signal)."""
+        """End this session now (shutdown timeout, second signal).
+
+        An idle session is told why, as PostgreSQL's own shutdown does, and its backend
+        gets a Terminate; one whose query runs has its backend cancelled (see
+        `_client_left_session`): between messages is the only place to put an error.
+        """
         if self.relay is not None:
+            if self.tracker is not None and self.tracker.state in _IDLE_STATES and not self.reclaiming:
+                self.relay.to_client(wire.error_response(
+                    "57P01", "terminating connection because slotproxy is shutting down"))
+                self.relay.to_server(TERMINATE)
             self.relay.close()
         elif self.task is not None:
             self.task.cancel()
@@ -742,7 +752,7 @@ class Session:
         pid, key = self.backend_key
         self.log.info("client left mid-request; cancelling backend pid %d to free its slot", pid)
         self.proxy.spawn(self._send_cancel(
-            self.backend_address, wire.encode_cancel(pid, key)))  # type: ignore[arg-type]
+            self.backend_address, wire.encode_cancel(pid, key)), deliver=True)  # type: ignore[arg-type]
 
     async def _send_cancel(self, address: Address, packet: bytes) -> None:
         try:
@@ -763,7 +773,8 @@ class Session:
             self.reason = Reason.CANCEL_FORWARDED
             self.log.info("forwarding cancel request for pid %d to %s (TLS passthrough)",
                           request.pid, self.proxy.primary.address)
-            await asyncio.shield(self.proxy.spawn(self._send_cancel(self.proxy.primary.address, request.raw)))
+            await asyncio.shield(self.proxy.spawn(
+                self._send_cancel(self.proxy.primary.address, request.raw), deliver=True))
             return
         if target is None:
             self.reason = Reason.CANCEL_UNKNOWN
@@ -777,7 +788,7 @@ class Session:
         # Delivered even if the sender hangs up at once (some drivers do); the
         # sender learns it was delivered when we close, as from the server.
         await asyncio.shield(self.proxy.spawn(
-            self._send_cancel(target.backend_address, request.raw)))  # type: ignore[arg-type]
+            self._send_cancel(target.backend_address, request.raw), deliver=True))  # type: ignore[arg-type]
 
     # -- endings -------------------------------------------------------------------------
 

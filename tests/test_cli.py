@@ -20,6 +20,7 @@ from slotproxy.demo import one_client
 from slotproxy.scram import Verifier
 
 from .conftest import wait_until
+from .pgraw import RawClient
 
 SLOTPROXY = [sys.executable, "-m", "slotproxy"]
 
@@ -222,13 +223,30 @@ async def test_sigterm_refuses_waiters_with_57P01_and_lets_sessions_finish(
     assert "3 waiting clients refused; 2 sessions may finish within 30 s" in p.log()
 
 
+SLEEPING = "select count(*) from pg_stat_activity where query = 'select pg_sleep(60)'"
+
+
 async def test_sessions_are_closed_at_shutdown_timeout(pg: Cluster, start_proxy: Any) -> None:
     p = await start_proxy(pg, config="[proxy]\nshutdown_timeout = 0.5\n")
-    conn = await p.connect()
+    idle = await RawClient.connect("127.0.0.1", p.port)
+    idle.send_startup()
+    await idle.read_until("Z")
+    busy = await p.connect()
+    query = asyncio.create_task(busy.execute("select pg_sleep(60)"))
+    await wait_until(lambda: pg.psql(SLEEPING) == "1", "the query to run")
+
     p.proc.send_signal(signal.SIGTERM)
     assert await p.wait_exit() == 0
-    await wait_until(conn.is_closed, "the client to see its connection closed")
-    assert "shutdown timeout: closing 1 sessions" in p.log()
+    assert "shutdown timeout: closing 2 sessions" in p.log()
+    # The idle one is told why, between messages, as PostgreSQL's own shutdown does.
+    error = await idle.read_error_then_eof()
+    assert (error["S"], error["C"]) == ("FATAL", "57P01"), error
+    assert error["M"] == "terminating connection because slotproxy is shutting down"
+    # The busy one's backend is cancelled: its slot does not wait for the query's end.
+    with pytest.raises((asyncpg.ConnectionDoesNotExistError, ConnectionError)):
+        await query
+    await wait_until(lambda: pg.psql(SLEEPING) == "0", "the backend to stop its query")
+    assert "canceling statement due to user request" in pg.log_text()
 
 
 async def test_a_second_signal_closes_at_once(pg: Cluster, start_proxy: Any) -> None:
