@@ -51,6 +51,16 @@ class Snapshot:
                 f"reserved={self.superuser_reserved}+{self.reserved} headroom={self.headroom} "
                 f"usable={self.usable} external={self.external} own={self.own} peers={self.peers}")
 
+    def source(self, fixed: int | None) -> str:
+        """What set this capacity, for a message to an operator: a key, or the server."""
+        if self.blind:
+            what = "admission.max_backend_slots" if fixed is not None else "the last capacity seen"
+            return f"{what}; the monitor is blind"
+        if self.usable is None or (fixed is not None and self.capacity == fixed):
+            return "admission.max_backend_slots"
+        return (f"the server's free slots as the monitor saw them: {self.usable} usable, "
+                f"{self.external} taken by other clients")
+
     def same_as(self, other: Snapshot | None) -> bool:
         """Equal apart from `own`, which moves with every session."""
         if other is None:

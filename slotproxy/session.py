@@ -614,12 +614,14 @@ class Session:
         bound = f"{key} = {self.cls.queue_timeout:g} s"
         admission = self.upstream.gate.admission
         if failure is None:
+            source = self.upstream.capacity.source(self.proxy.config.admission.fixed_slots)
+            cap = admission.limits.max_slots
+            of = "" if cap is None else f" of {cap}"
             return ClientError(
                 Reason.QUEUE_TIMEOUT, "53300",
                 f"slotproxy: no server slot came free within {waited:.1f} s ({bound})",
                 detail=f"{admission.waiting} other clients are waiting; "
-                       f"{len(admission.holders)} of {admission.limits.max_slots} slots are in use "
-                       "(admission.max_backend_slots).",
+                       f"{len(admission.holders)}{of} slots are in use ({source}).",
                 hint=f"Retry later, or raise {key}.")
         retried = f"slotproxy retried {attempts} times over {waited:.1f} s ({bound})."
         if failure.unreachable:

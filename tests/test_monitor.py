@@ -77,6 +77,23 @@ async def test_capacity_follows_slots_taken_by_others(
     await dba.close()
 
 
+async def test_a_queue_timeout_names_the_servers_figures_when_the_monitor_sets_capacity(
+        cluster_factory: Any, proxy_factory: Any) -> None:
+    pg = cluster_factory(max_connections=10, superuser_reserved_connections=3)
+    proxy = await proxy_factory(pg, **monitored(pg, queue_timeout=0.5))
+    outsiders = [await asyncpg.connect(pg.dsn("app")) for _ in range(5)]
+    await wait_until(lambda: proxy.capacity.capacity == 1, "capacity 1: 7 usable, 6 taken by others")
+    holder = await asyncpg.connect(**at(proxy), user="app", database="postgres")
+    with pytest.raises(asyncpg.TooManyConnectionsError) as refused:
+        await asyncpg.connect(**at(proxy), user="app", database="postgres")
+    # Not "raise admission.max_backend_slots": it is "auto", the server's figures decide.
+    assert refused.value.detail == ("0 other clients are waiting; 1 of 1 slots are in use (the server's "
+                                    "free slots as the monitor saw them: 7 usable, 6 taken by other clients).")
+    await holder.close()
+    for conn in outsiders:
+        await conn.close()
+
+
 async def test_a_password_client_is_kept_out_of_the_reserved_slots(
         cluster_factory: Any, proxy_factory: Any) -> None:
     pg = cluster_factory(max_connections=10, superuser_reserved_connections=3)
