@@ -109,6 +109,7 @@ class Proxy:
         self.stopping = False
         self.unknown_cancels = Throttle(interval=1.0)
         self.dropped_cancels = Throttle(interval=1.0)
+        self.too_many_clients = Throttle(interval=1.0)  # a flood past max_clients: a line a second
         self.admin: AdminEndpoints | None = None
         self.stats.registry.register(ProxyCollector(self))
 

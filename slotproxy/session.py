@@ -799,6 +799,12 @@ class Session:
         self.proxy.stats.refused[error.reason.value, error.sqlstate] += 1
         if error.reason in (Reason.PROTOCOL_ERROR, Reason.STARTUP_TIMEOUT):
             self.log.warning("closing: %s", error.message)
+        elif error.reason is Reason.TOO_MANY_CLIENTS:
+            self.proxy.too_many_clients.warn(logger, "%s: refused (%s): %s", self.prefix(),
+                                             error.reason.value, error.message)
+        elif error.reason in (Reason.NO_ROUTE, Reason.TLS_REQUIRED):
+            # Refused before the queue, where _decided logs the rest.
+            self.log.info("refused (%s): %s", error.reason.value, error.message)
         # A passthrough client speaks TLS: it could not read it.
         answer = b"" if self.passthrough else wire.error_response(
             error.sqlstate, error.message, detail=error.detail, hint=error.hint)

@@ -4,6 +4,7 @@ file descriptors, cancel floods. The early-bytes bound is in test_edges.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import resource
 import sys
@@ -26,7 +27,8 @@ def at(proxy: Proxy) -> dict[str, Any]:
 
 
 async def test_max_clients_counts_everyone_and_refuses_the_next_with_53300(
-        pg: Cluster, proxy_factory: Any) -> None:
+        pg: Cluster, proxy_factory: Any, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="slotproxy")
     proxy = await proxy_factory(pg, proxy={"max_clients": 5}, admission={"max_backend_slots": 1})
     holder = await asyncpg.connect(**at(proxy), user="app", database="postgres")
     waiting = [asyncio.create_task(asyncpg.connect(**at(proxy), user="app", database="postgres"))
@@ -38,6 +40,7 @@ async def test_max_clients_counts_everyone_and_refuses_the_next_with_53300(
         await asyncpg.connect(**at(proxy), user="app", database="postgres")
     assert refused.value.sqlstate == "53300"
     assert "too many client connections: 5 open (proxy.max_clients)" in str(refused.value)
+    assert "refused (too_many_clients): slotproxy: too many client connections: 5 open" in caplog.text
 
     silent.pop().close()
     await wait_until(lambda: len(proxy.sessions) == 4, "a place free")

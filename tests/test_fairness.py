@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import asyncpg
@@ -134,7 +135,8 @@ async def test_a_bypass_class_and_replication_skip_the_queue(pg: Cluster, proxy_
 
 
 async def test_two_databases_on_two_servers_each_with_its_own_budget(
-        cluster_factory: Any, proxy_factory: Any) -> None:
+        cluster_factory: Any, proxy_factory: Any, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="slotproxy")
     alpha, beta = cluster_factory(max_connections=10), cluster_factory(max_connections=10)
     # No "*" and no [backend]: other database names have no route.
     proxy = await proxy_factory(None, databases={
@@ -158,6 +160,7 @@ async def test_two_databases_on_two_servers_each_with_its_own_budget(
         await connect("gamma")
     assert unrouted.value.sqlstate == "3D000"
     assert 'slotproxy has no route for database "gamma"' in str(unrouted.value)
+    assert 'refused (no_route): slotproxy has no route for database "gamma"' in caplog.text
 
     await in_alpha.pop().close()
     for conn in [*in_alpha, in_beta, await third]:

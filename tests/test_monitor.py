@@ -87,8 +87,9 @@ async def test_a_queue_timeout_names_the_servers_figures_when_the_monitor_sets_c
     with pytest.raises(asyncpg.TooManyConnectionsError) as refused:
         await asyncpg.connect(**at(proxy), user="app", database="postgres")
     # Not "raise admission.max_backend_slots": it is "auto", the server's figures decide.
-    assert refused.value.detail == ("0 other clients are waiting; 1 of 1 slots are in use (the server's "
-                                    "free slots as the monitor saw them: 7 usable, 6 taken by other clients).")
+    assert refused.value.detail == (
+        "0 other clients are waiting; 1 of 1 slots are in use (the server's free slots as the "
+        "monitor saw them: 7 usable, 6 taken by other clients).")
     await holder.close()
     for conn in outsiders:
         await conn.close()

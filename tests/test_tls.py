@@ -92,7 +92,8 @@ async def test_clients_with_require_and_verify_full(
 
 
 async def test_require_refuses_a_plain_text_client_with_28000(
-        pg: Cluster, proxy_factory: Any, proxy_cert: tuple[Path, Path]) -> None:
+        pg: Cluster, proxy_factory: Any, proxy_cert: tuple[Path, Path], caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="slotproxy")
     cert, key = proxy_cert
     proxy = await proxy_factory(pg, tls={"client_tls": "require", "cert_file": str(cert),
                                          "key_file": str(key)})
@@ -100,6 +101,7 @@ async def test_require_refuses_a_plain_text_client_with_28000(
         await asyncpg.connect(**at(proxy), user="app", database="postgres", ssl=False)
     assert refused.value.sqlstate == "28000"
     assert "slotproxy requires TLS" in str(refused.value)
+    assert "refused (tls_required): slotproxy requires TLS" in caplog.text
     code, out = await psql(proxy, "select 1", "user=app sslmode=disable")
     assert code == 2 and "FATAL:  slotproxy requires TLS" in out
 
