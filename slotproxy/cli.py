@@ -210,7 +210,7 @@ def _raise_descriptor_limit(cfg: config.Config) -> None:
 
 async def _serve(cfg: config.Config, path: str | None, overrides: list[config.Override],
                  transform: Any) -> int:
-    from .server import Proxy
+    from .server import CannotListen, Proxy
 
     _raise_descriptor_limit(cfg)
     loop = asyncio.get_running_loop()
@@ -224,8 +224,10 @@ async def _serve(cfg: config.Config, path: str | None, overrides: list[config.Ov
         proxy.broadcast = channel.send
     try:
         await proxy.start()
-    except OSError as e:
-        logger.error("cannot listen on %s: %s", cfg.proxy.listen, e.strerror or e)
+    except CannotListen as e:
+        logger.error("%s", e)
+        if channel is not None:
+            await channel.close()
         return EXIT_FAILED
     stopped = asyncio.Event()
     signals_seen = 0

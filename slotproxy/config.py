@@ -575,11 +575,27 @@ def from_mapping(data: Mapping[str, Any], source: str, overrides: Iterable[Overr
         raise ConfigError(origins.get("backend.sslrootcert", source), "backend.sslrootcert",
                           f"\"system\" needs sslmode = \"verify-full\" (not \"{config.backend.sslmode}\")")
     _check_sockets(config, origins, source)
+    _check_admin_port(config, origins, source)
     check_shares(config, config.proxy.workers, origins.get("proxy.workers", source))
     if config.admission.max_backend_slots == AUTO and not config.monitor.dsn:
         raise ConfigError(origins["admission.max_backend_slots"], "admission.max_backend_slots",
                           "\"auto\" needs a monitor to find the free slots: set [monitor] dsn")
     return config
+
+
+def _check_admin_port(config: Config, origins: Mapping[str, str], source: str) -> None:
+    """The admin endpoints and the proxy cannot share a port (each worker's admin port is
+    admin.listen's plus the worker's index)."""
+    admin, proxy, workers = config.admin.listen, config.proxy.listen, config.proxy.workers
+    if admin is None or not admin.port or not proxy.port:
+        return
+    wildcard = ("0.0.0.0", "::")
+    same_host = admin.host == proxy.host or admin.host in wildcard or proxy.host in wildcard
+    if same_host and admin.port <= proxy.port < admin.port + workers:
+        ports = f"ports {admin.port}-{admin.port + workers - 1}, one per worker," if workers > 1 \
+            else f"port {admin.port}"
+        raise ConfigError(origins.get("admin.listen", source), "admin.listen",
+                          f"{ports} would take proxy.listen's ({proxy}): choose another port")
 
 
 def _check_sockets(config: Config, origins: Mapping[str, str], source: str) -> None:

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import os
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -72,6 +73,16 @@ class Throttle:
         self._held = 0
         self._next_at = now + self.interval
 
+class CannotListen(Exception):
+    """A listen address could not be bound; names its key."""
+
+    def __init__(self, key: str, address: Address, error: OSError) -> None:
+        # asyncio rewords bind errors ("error while attempting to bind ..."): the errno says it.
+        why = os.strerror(error.errno) if error.errno and error.errno > 0 else error.strerror or str(error)
+        super().__init__(f"cannot listen on {address} ({key}): {why}")
+        self.key = key
+
+
 LISTEN_BACKLOG = 4096  # bursts of clients arrive at once; the kernel caps it at somaxconn
 
 
@@ -119,15 +130,26 @@ class Proxy:
         self.loop = loop = asyncio.get_running_loop()
         self._all_closed = asyncio.Event()
         self._all_closed.set()
-        for upstream in self.upstreams.values():
-            await upstream.start()
-        if self.config.admin.listen is not None:
-            self.admin = AdminEndpoints(self)
-            await self.admin.start(self.config.admin.listen)
-            logger.info("admin endpoints on %s: /metrics /status /health /ready", self.admin.address)
-        listen = self.config.proxy.listen
-        listener = Listener.bind(loop, listen, lambda: Handshake(self), backlog=LISTEN_BACKLOG,
-                                 reuse_port=self.reuse_port)
+        try:
+            for upstream in self.upstreams.values():
+                await upstream.start()
+            if self.config.admin.listen is not None:
+                self.admin = AdminEndpoints(self)
+                try:
+                    await self.admin.start(self.config.admin.listen)
+                except OSError as e:
+                    self.admin = None
+                    raise CannotListen("admin.listen", self.config.admin.listen, e) from None
+                logger.info("admin endpoints on %s: /metrics /status /health /ready", self.admin.address)
+            listen = self.config.proxy.listen
+            try:
+                listener = Listener.bind(loop, listen, lambda: Handshake(self), backlog=LISTEN_BACKLOG,
+                                         reuse_port=self.reuse_port)
+            except OSError as e:
+                raise CannotListen("proxy.listen", listen, e) from None
+        except BaseException:
+            await self._finish()  # what started: the monitors, the admin endpoints
+            raise
         listener.start()
         self._listeners.append(listener)
         servers = "; ".join(f"server {u.address}: {u.capacity.describe()}" for u in self.upstreams.values())

@@ -124,6 +124,8 @@ BAD_CONFIGS = [
     ("[proxy]\nworkers = 4\n[admission]\nmax_backend_slots = 2\n",
      "proxy.workers: 4 workers cannot share admission.max_backend_slots = 2: each needs at least 1 "
      "(or set [monitor] dsn)"),
+    ("[proxy]\nlisten = \"127.0.0.1:6432\"\n[admin]\nlisten = \"0.0.0.0:6432\"\n",
+     "admin.listen: port 6432 would take proxy.listen's (127.0.0.1:6432): choose another port"),
     ("[backend]\nsslmode = \"require\"\nsslrootcert = \"system\"\n",
      "backend.sslrootcert: \"system\" needs sslmode = \"verify-full\" (not \"require\")"),
 ]
@@ -186,12 +188,19 @@ async def test_runs_with_no_file_from_flags_alone(pg: Cluster, run_proxy: Any) -
     assert await p.wait_exit() == 0
 
 
-async def test_cannot_listen_exits_1_saying_why(pg: Cluster, start_proxy: Any) -> None:
+async def test_cannot_listen_exits_1_saying_why(pg: Cluster, start_proxy: Any, tmp_path: Path) -> None:
     first = await start_proxy(pg)
     code, _, err = await run_cli("run", "--listen", f"127.0.0.1:{first.port}",
                                  "--backend", f"{pg.host}:{pg.port}")
     assert code == 1
-    assert f"cannot listen on 127.0.0.1:{first.port}" in err
+    assert f"cannot listen on 127.0.0.1:{first.port} (proxy.listen): Address already in use" in err
+    # The admin endpoints' address is named as theirs, not as the proxy's.
+    path = tmp_path / "admin.toml"
+    path.write_text(f'[admin]\nlisten = "127.0.0.1:{first.port}"\n')
+    code, _, err = await run_cli("run", "--config", str(path), "--listen", "127.0.0.1:0",
+                                 "--backend", f"{pg.host}:{pg.port}")
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{first.port} (admin.listen): Address already in use" in err
 
 
 # -- graceful shutdown ------------------------------------------------------------------------------
@@ -367,8 +376,9 @@ async def test_workers_stop_gracefully_when_the_supervisor_is_killed(
     conn = await asyncpg.connect(host="127.0.0.1", port=port, user="app", database="postgres")
     p.proc.kill()  # as the OOM killer would: no signal reaches the workers
     await p.proc.wait()
-    await wait_until(lambda: p.log().count("the supervisor is gone: shutting down gracefully") == 2,
-                     "both workers to see that the supervisor is gone")
+    await wait_until(lambda: p.log().count("the supervisor is gone: shutting down gracefully") == 2
+                     and p.log().count("waiting clients refused;") == 2,
+                     "both workers to see that the supervisor is gone, and stop listening")
     # Orphans would hold their share of the server's slots beside a new supervisor's workers:
     # they stop taking clients, and the session open goes on until its client ends it.
     with pytest.raises(ConnectionRefusedError):
