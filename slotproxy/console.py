@@ -282,12 +282,21 @@ class Console:
         return b"N" + notice[1:] + _msg(b"C", _cstr("RELOAD"))
 
     async def _pause(self, args: list[str]) -> bytes:
-        await self.proxy.control("pause", *args[:1])
-        return _msg(b"C", _cstr("PAUSE"))
+        return self._told("paused", await self.proxy.control("pause", *args[:1]), args) + \
+            _msg(b"C", _cstr("PAUSE"))
 
     async def _resume(self, args: list[str]) -> bytes:
-        await self.proxy.control("resume", *args[:1])
-        return _msg(b"C", _cstr("RESUME"))
+        return self._told("resumed", await self.proxy.control("resume", *args[:1]), args) + \
+            _msg(b"C", _cstr("RESUME"))
+
+    def _told(self, done: str, servers: list[str], args: list[str]) -> bytes:
+        """A NOTICE naming the servers: a mistyped database reaches the catch-all server."""
+        text = f"{done} admission to {', '.join(servers)}"
+        if args and args[0] not in self.proxy.router.names:
+            text += (f' (database "{args[0]}" has no [databases] entry of its own: '
+                     "its server is the catch-all one)")
+        notice = wire.error_response("00000", text, severity="NOTICE")
+        return b"N" + notice[1:]
 
 
 class _Unknown(Exception):

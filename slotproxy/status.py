@@ -28,14 +28,17 @@ def _client(session: Session) -> dict[str, Any]:
 
 
 def snapshot(proxy: Proxy) -> dict[str, Any]:
-    """Waiting clients (longest wait first), sessions (longest idle first), servers."""
+    """Waiting clients (in queue order: longest wait first), sessions (longest idle first), servers."""
     now = asyncio.get_running_loop().time()
     wall = time.time()
-    waiting = []
+    queued = []
     sessions = []
     for session in proxy.sessions:
-        if session.ticket.state.value == "waiting":
-            waiting.append({**_client(session), "waited": round(now - session.ticket.queued_at, 3)})
+        ticket = session.ticket
+        if ticket.state.value == "waiting":
+            # By arrival, ties (the same clock reading) by the queue's own order.
+            queued.append(((ticket.queued_at, ticket.seq),
+                           {**_client(session), "waited": round(now - ticket.queued_at, 3)}))
         elif session.relay is not None:
             tracker = session.tracker
             state = session.state
@@ -48,7 +51,7 @@ def snapshot(proxy: Proxy) -> dict[str, Any]:
                 "backend_pid": session.backend_key[0] if session.backend_key else None,
                 "bypass": session.bypass,
             })
-    waiting.sort(key=lambda w: -w["waited"])
+    waiting = [w for _, w in sorted(queued, key=lambda q: q[0])]
     sessions.sort(key=lambda s: -(s["idle_for"] if s["idle_for"] is not None else -1))
     servers = []
     for upstream in proxy.upstreams.values():

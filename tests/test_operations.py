@@ -131,6 +131,22 @@ async def test_status_lists_a_waiting_client(pg: Cluster, proxy_factory: Any) ->
     assert await waiting is None
 
 
+async def test_status_lists_waiters_in_the_order_they_will_be_served(
+        pg: Cluster, proxy_factory: Any) -> None:
+    proxy = await proxy_factory(pg, admin=ADMIN, admission={"max_backend_slots": 1})
+    holder = await asyncpg.connect(**at(proxy), user="app", database="postgres")
+    crowd = [await RawClient.connect(**at(proxy)) for _ in range(8)]
+    for raw in crowd:  # in one go: they queue within the same millisecond or so
+        raw.send_startup()
+    await wait_until(lambda: proxy.gate.admission.waiting == 8, "eight clients waiting")
+    queue = [ticket.info.id for ticket in proxy.gate.admission.waiters()]
+    code, body = await http_get(proxy, "/status")
+    assert code == 200 and [w["id"] for w in json.loads(body)["waiting"]] == queue
+    for raw in crowd:
+        raw.close()
+    await holder.close()
+
+
 async def test_health_never_touches_the_server_and_ready_does(pg: Cluster, proxy_factory: Any) -> None:
     proxy = await proxy_factory(pg, admin=ADMIN)
     assert await http_get(proxy, "/health") == (200, "ok\n")
@@ -242,11 +258,15 @@ async def test_console_refuses_a_malformed_exchange_as_a_failed_login(
 async def test_pause_holds_new_clients_and_resume_releases_them(pg: Cluster, proxy_factory: Any) -> None:
     proxy = await proxy_factory(pg, admin=console_admin())
     live = await asyncpg.connect(**at(proxy), user="app", database="postgres")
-    assert (await psql(proxy, "PAUSE postgres"))[0] == 0
+    # Without [databases] every name reaches the one server: the answer says which it paused.
+    server = f"{pg.host}:{pg.port}"
+    assert await psql(proxy, "PAUSE postgres") == (0, f'NOTICE:  paused admission to {server} (database '
+                                                     '"postgres" has no [databases] entry of its own: its '
+                                                     'server is the catch-all one)\nPAUSE\n')
     held = [asyncio.create_task(client(proxy, hold=0)) for _ in range(5)]
     await wait_until(lambda: proxy.gate.admission.waiting == 5, "five clients held by the pause")
     assert await live.fetchval("select 1") == 1, "a live session goes on during a pause"
-    assert (await psql(proxy, "RESUME"))[0] == 0
+    assert await psql(proxy, "RESUME") == (0, f"NOTICE:  resumed admission to {server}\nRESUME\n")
     assert await asyncio.gather(*held) == [None] * 5
     await live.close()
 
