@@ -317,6 +317,7 @@ class Proxy:
             changes.append("admission.class entries changed")
         if new.databases != old.databases or new.fallback != old.fallback:
             changes.append("[databases] routes changed (for new sessions)")
+        changes += self._overridden(new)
         new = dataclasses.replace(
             new, proxy=dataclasses.replace(new.proxy, listen=old.proxy.listen, workers=old.proxy.workers),
             admin=dataclasses.replace(new.admin, listen=old.admin.listen))
@@ -381,6 +382,29 @@ class Proxy:
                 if address not in self._retiring:  # else routed again meanwhile, and its task waits on
                     self._retiring[address] = self.spawn(self._retire(upstream))
 
+    def _overridden(self, new: Config) -> list[str]:
+        """Keys where the file says one thing and a command-line flag holds another."""
+        if not self.config_overrides or self.config_path is None:
+            return []
+        try:
+            from_file = configuration.load(self.config_path)
+            defaults = configuration.from_mapping({}, "defaults")
+            if self.config_transform is not None:  # a worker's shares
+                from_file = self.config_transform(from_file)
+                defaults = self.config_transform(defaults)
+        except ConfigError:  # the flags may be what makes it whole (--backend): nothing to say
+            return []
+        infos = {info.dotted: info for info in configuration.keys()}
+        held = []
+        for flag, dotted, _ in self.config_overrides:
+            info = infos[dotted]
+            in_file, running = info.value(from_file), info.value(new)
+            # A file that leaves the key at its default has nothing to say about it.
+            if in_file != running and in_file != info.value(defaults):
+                held.append(f"{dotted}: the file says {info.shown(in_file)}, but {flag} on the "
+                            f"command line holds it at {info.shown(running)}")
+        return held
+
     async def _retire(self, upstream: Upstream) -> None:
         try:
             await upstream.gate.emptied()
@@ -388,8 +412,10 @@ class Proxy:
             del self._retiring[upstream.address]
         if upstream.retired:
             del self.upstreams[upstream.address]
+            had_monitor = upstream.monitor is not None
             await upstream.stop()
-            logger.info("server %s: its last session ended; monitor stopped", upstream.address)
+            logger.info("server %s: its last session ended; let go%s", upstream.address,
+                        ", its monitor stopped" if had_monitor else "")
 
     def pause(self, database: str | None = None) -> list[Upstream]:
         """Admit nobody new to the server of `database` (all servers: None)."""

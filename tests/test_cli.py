@@ -309,6 +309,17 @@ async def test_sighup_reloads_live_and_an_invalid_file_changes_nothing(
     assert await p.wait_exit() == 0
 
 
+async def test_a_reload_says_when_a_command_line_flag_holds_a_key_the_file_changed(
+        pg: Cluster, tmp_path: Path, start_proxy: Any) -> None:
+    p = await start_proxy(pg, "--max-backend-slots", "2", config="[admission]\nmax_backend_slots = 5\n")
+    cfg = tmp_path / "slotproxy0.toml"  # what start_proxy wrote
+    cfg.write_text("[admission]\nmax_backend_slots = 6\nmax_queue = 7\n")
+    p.proc.send_signal(signal.SIGHUP)
+    await wait_until(lambda: "reloaded" in p.log(), "the reload")
+    assert ("admission.max_queue 1000 -> 7; admission.max_backend_slots: the file says 6, but "
+            "--max-backend-slots on the command line holds it at 2") in p.log()
+
+
 async def two_workers(pg: Cluster, tmp_path: Path, run_proxy: Any, more: str) -> tuple[Any, int]:
     """`slotproxy run` with workers = 2 and `more` config, once both workers listen."""
     from slotproxy.cluster import free_port
