@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from slotproxy import config
@@ -59,6 +60,9 @@ async def test_the_healthcheck_command_passes_against_a_running_proxy(pg: Cluste
     text = path.read_text().replace('"0.0.0.0:6432"', f'"127.0.0.1:{port}"') \
         .replace('"127.0.0.1:6433"', f'"127.0.0.1:{admin}"') \
         .replace('port = 5432', f'port = {pg.port}')
+    loaded = config.from_mapping(tomllib.loads(text), "test")  # the tests stay on loopback
+    assert (str(loaded.proxy.listen), str(loaded.admin.listen), loaded.backend.port) == \
+        (f"127.0.0.1:{port}", f"127.0.0.1:{admin}", pg.port)
     path.write_text(text)
 
     async def healthcheck() -> int:
