@@ -12,6 +12,7 @@ import difflib
 import ipaddress
 import math
 import os
+import socket
 import tomllib
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -117,6 +118,11 @@ def hostname(value: Any) -> str:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(f"not a valid host name or address: {value!r}") from None
+    elif all(c.isdigit() or c == "." for c in host):  # meant as an IPv4 address
+        try:
+            socket.inet_aton(host)  # as getaddrinfo reads it: 127.1 is 127.0.0.1
+        except OSError:
+            raise ValueError(f"not a valid IPv4 address: {value!r}") from None
     return host
 
 

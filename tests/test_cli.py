@@ -119,6 +119,7 @@ BAD_CONFIGS = [
     ("[proxy]\nlisten = \"localhost\"\n", "proxy.listen: expected \"HOST:PORT\""),
     ("[backend]\nport = 70000\n", "backend.port: must be between 1 and 65535, got 70000"),
     ("[backend]\nhost = \"bad host\"\n", "backend.host: not a valid host name or address"),
+    ("[proxy]\nlisten = \"1.2.3.4.5:6432\"\n", "proxy.listen: not a valid IPv4 address: '1.2.3.4.5'"),
     ("[bakend]\nhost = \"x\"\n", "bakend: unknown section (did you mean backend?)"),
     ("[proxy]\nlisten = \n", "invalid TOML"),
     ("[proxy]\nworkers = 4\n[admission]\nmax_backend_slots = 2\n",
