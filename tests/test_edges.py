@@ -55,8 +55,8 @@ async def fill_server(pg: Cluster, n: int = 10) -> list[asyncpg.Connection]:
 async def test_bytes_sent_while_connecting_reach_the_server(pg: Cluster, proxy_factory: Any) -> None:
     proxy = await proxy_factory(pg)
     raw = await RawClient.connect(**at(proxy))
-    # post_auth_delay keeps the server silent for a second after it took the startup packet.
-    raw.send_startup(options="-c post_auth_delay=1")
+    # post_auth_delay keeps the server silent for two seconds after it took the startup packet.
+    raw.send_startup(options="-c post_auth_delay=2")
     await wait_until(lambda: proxy.sessions and only_session(proxy).phase is Phase.CONNECTING,
                      "the proxy connecting to the server")
     raw.send(query("select 6 * 7"))
