@@ -73,6 +73,7 @@ class Throttle:
         self._held = 0
         self._next_at = now + self.interval
 
+
 class CannotListen(Exception):
     """A listen address could not be bound; names its key."""
 

@@ -647,13 +647,13 @@ class Session:
         server = answered.transport
         early = self.handshake.early
         received = bytes(answered.received)
-        if received and not self.passthrough and server.get_extra_info("ssl_object") is not None:
+        server_tls = server.get_extra_info("ssl_object") if received and not self.passthrough else None
+        if server_tls is not None:
             # The server offers SCRAM-SHA-256-PLUS on its TLS connection with us. A plain-text
             # client must not see it (libpq takes it for an attack and gives up); a client on
             # our TLS would bind to our certificate while the server checks its own. Only
             # when the two are the same certificate can PLUS work end to end.
-            server_cert = server.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            if not self.tls or server_cert != self.proxy.client_cert:
+            if not self.tls or server_tls.getpeercert(binary_form=True) != self.proxy.client_cert:
                 received = wire.strip_scram_plus(received)
         self._endpoint = self.backend_endpoint  # read now: a SocketRelay closes the transport
         self._backend_transport = None
