@@ -54,8 +54,11 @@ class Snapshot:
     def source(self, fixed: int | None) -> str:
         """What set this capacity, for a message to an operator: a key, or the server."""
         if self.blind:
-            what = "admission.max_backend_slots" if fixed is not None else "the last capacity seen"
-            return f"{what}; the monitor is blind"
+            if fixed is not None:
+                return "admission.max_backend_slots; the monitor is blind"
+            if self.capacity is None:
+                return "no cap: the monitor is blind and has not seen the server yet"
+            return "the last capacity the monitor saw; it is blind now"
         if self.usable is None or (fixed is not None and self.capacity == fixed):
             return "admission.max_backend_slots"
         return (f"the server's free slots as the monitor saw them: {self.usable} usable, "
@@ -89,16 +92,13 @@ def from_view(view: ServerView, fixed: int | None, headroom: int) -> Snapshot:
     )
 
 
-def blind(fixed: int | None, last: Snapshot | None, why: str) -> Snapshot:
-    """Without a view: the fixed cap, or with "auto" the last capacity seen (else no limit).
-
-    `last` may be blind itself: it carries the capacity from before, for every poll
-    the monitor stays blind.
-    """
+def blind(fixed: int | None, seen: Snapshot | None, why: str) -> Snapshot:
+    """Without a view: the fixed cap, or with "auto" the capacity of the last view `seen`
+    (else no limit), for as long as the monitor stays blind."""
     if fixed is not None:
         capacity: int | None = fixed
-    elif last is not None:
-        capacity = last.capacity
+    elif seen is not None:
+        capacity = seen.capacity
     else:
         capacity = None
     return Snapshot(capacity=capacity, blind=True, why=why)

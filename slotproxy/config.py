@@ -120,8 +120,8 @@ def hostname(value: Any) -> str:
             raise ValueError(f"not a valid host name or address: {value!r}") from None
     elif all(c.isdigit() or c == "." for c in host):  # meant as an IPv4 address
         try:
-            socket.inet_aton(host)  # as getaddrinfo reads it: 127.1 is 127.0.0.1
-        except OSError:
+            socket.inet_aton(host)  # as the resolver reads addresses: 127.1 is 127.0.0.1
+        except OSError:  # digits and dots that make no address: a typo, not a host name
             raise ValueError(f"not a valid IPv4 address: {value!r}") from None
     return host
 
@@ -595,8 +595,10 @@ def _check_admin_port(config: Config, origins: Mapping[str, str], source: str) -
     admin, proxy, workers = config.admin.listen, config.proxy.listen, config.proxy.workers
     if admin is None or not admin.port or not proxy.port:
         return
-    wildcard = ("0.0.0.0", "::")
-    same_host = admin.host == proxy.host or admin.host in wildcard or proxy.host in wildcard
+    # A wildcard takes the port on every address of its family (both bind IPv6 only on "::").
+    family = ":" in admin.host, ":" in proxy.host
+    wildcard = admin.host in ("0.0.0.0", "::") or proxy.host in ("0.0.0.0", "::")
+    same_host = admin.host == proxy.host or (wildcard and family[0] == family[1])
     if same_host and admin.port <= proxy.port < admin.port + workers:
         ports = f"ports {admin.port}-{admin.port + workers - 1}, one per worker," if workers > 1 \
             else f"port {admin.port}"

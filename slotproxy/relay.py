@@ -211,6 +211,9 @@ class Relay:
 
     def close(self) -> None:
         """Close both sides now (shutdown timeout)."""
+        # The client's end first, as the relay sees it: a TLS transport reports its loss
+        # later than a plain one, and on_client_gone must find the server still there.
+        self._client_gone()
         self.client.abort()
         self.server.abort()
 

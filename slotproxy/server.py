@@ -318,7 +318,7 @@ class Proxy:
             changes.append("admission.class entries changed")
         if new.databases != old.databases or new.fallback != old.fallback:
             changes.append("[databases] routes changed (for new sessions)")
-        changes += self._overridden(new)
+        changes += self._overridden()
         new = dataclasses.replace(
             new, proxy=dataclasses.replace(new.proxy, listen=old.proxy.listen, workers=old.proxy.workers),
             admin=dataclasses.replace(new.admin, listen=old.admin.listen))
@@ -383,27 +383,26 @@ class Proxy:
                 if address not in self._retiring:  # else routed again meanwhile, and its task waits on
                     self._retiring[address] = self.spawn(self._retire(upstream))
 
-    def _overridden(self, new: Config) -> list[str]:
-        """Keys where the file says one thing and a command-line flag holds another."""
+    def _overridden(self) -> list[str]:
+        """Keys the file sets one way while a command-line flag holds them another (told at
+        every reload: it is how the running value came about)."""
         if not self.config_overrides or self.config_path is None:
             return []
         try:
             from_file = configuration.load(self.config_path)
+            with_flags = configuration.load(self.config_path, self.config_overrides)
             defaults = configuration.from_mapping({}, "defaults")
-            if self.config_transform is not None:  # a worker's shares
-                from_file = self.config_transform(from_file)
-                defaults = self.config_transform(defaults)
         except ConfigError:  # the flags may be what makes it whole (--backend): nothing to say
             return []
         infos = {info.dotted: info for info in configuration.keys()}
         held = []
         for flag, dotted, _ in self.config_overrides:
             info = infos[dotted]
-            in_file, running = info.value(from_file), info.value(new)
+            in_file, by_flag = info.value(from_file), info.value(with_flags)
             # A file that leaves the key at its default has nothing to say about it.
-            if in_file != running and in_file != info.value(defaults):
+            if in_file != by_flag and in_file != info.value(defaults):
                 held.append(f"{dotted}: the file says {info.shown(in_file)}, but {flag} on the "
-                            f"command line holds it at {info.shown(running)}")
+                            f"command line holds it at {info.shown(by_flag)}")
         return held
 
     async def _retire(self, upstream: Upstream) -> None:

@@ -614,14 +614,22 @@ class Session:
         bound = f"{key} = {self.cls.queue_timeout:g} s"
         admission = self.upstream.gate.admission
         if failure is None:
-            source = self.upstream.capacity.source(self.proxy.config.admission.fixed_slots)
-            cap = admission.limits.max_slots
-            of = "" if cap is None else f" of {cap}"
+            lane = admission.lanes.get(self.cls.name)
+            if admission.paused:
+                held = "admission to this server is paused (PAUSE)"
+            elif lane is not None and lane.config.max_slots is not None \
+                    and len(lane.holders) >= lane.config.max_slots:
+                held = (f"class {self.cls.name} holds {len(lane.holders)} of its "
+                        f"{lane.config.max_slots} slots ({self.cls.key('max_slots')})")
+            else:
+                cap = admission.limits.max_slots
+                of = "" if cap is None else f" of {cap}"
+                source = self.upstream.capacity.source(self.proxy.config.admission.fixed_slots)
+                held = f"{len(admission.holders)}{of} slots are in use ({source})"
             return ClientError(
                 Reason.QUEUE_TIMEOUT, "53300",
                 f"slotproxy: no server slot came free within {waited:.1f} s ({bound})",
-                detail=f"{admission.waiting} other clients are waiting; "
-                       f"{len(admission.holders)}{of} slots are in use ({source}).",
+                detail=f"{admission.waiting} other clients are waiting; {held}.",
                 hint=f"Retry later, or raise {key}.")
         retried = f"slotproxy retried {attempts} times over {waited:.1f} s ({bound})."
         if failure.unreachable:

@@ -93,7 +93,7 @@ class Upstream:
         elif self._last_view is not None and not self.capacity.blind:
             self.capacity = capacity.from_view(self._last_view, fixed, config.admission.headroom)
         else:
-            self.capacity = capacity.blind(fixed, self.capacity, self.capacity.why or "no poll yet")
+            self.capacity = capacity.blind(fixed, self._seen(fixed), self.capacity.why or "no poll yet")
         self.gate.update(self._limits(self.capacity))
         if self._reaper is not None:  # its next check was timed by the old idle timeouts
             self._reaper.cancel()
@@ -141,6 +141,13 @@ class Upstream:
             max_unseen=cfg.max_connecting if snapshot.peers > 1 else None,
         )
 
+    def _seen(self, fixed: int | None) -> Snapshot | None:
+        """The capacity of the monitor's last view, under the settings in force (a reload
+        may have changed the cap or the headroom since)."""
+        if self._last_view is None:
+            return None
+        return capacity.from_view(self._last_view, fixed, self.config.admission.headroom)
+
     def _own_sessions(self) -> OwnSessions:
         by_pid: dict[int, Any] = {}
         by_endpoint: dict[tuple[str, int], Any] = {}
@@ -157,7 +164,7 @@ class Upstream:
         previous = self.capacity
         sees = view is not None
         if view is None:
-            snapshot = capacity.blind(fixed, previous, why)
+            snapshot = capacity.blind(fixed, self._seen(fixed), why)
         else:
             self._last_view = view
             snapshot = capacity.from_view(view, fixed, self.config.admission.headroom)

@@ -99,12 +99,15 @@ class ControlChannel:
         self._task = asyncio.get_running_loop().create_task(self._read(reader))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        async for line in reader:
-            message = json.loads(line)
-            try:
-                await self.apply(message["command"], *message["args"])
-            except Exception as e:  # a bad reload is logged by the proxy; keep listening
-                logger.warning("control command %s failed here: %s", message["command"], e)
+        try:
+            async for line in reader:
+                try:
+                    message = json.loads(line)
+                    await self.apply(message["command"], *message["args"])
+                except Exception as e:  # a bad reload is logged by the proxy; keep listening
+                    logger.warning("control command %r failed here: %s", line.strip(), e)
+        except OSError as e:  # a supervisor killed with our message unread: a reset, not EOF
+            logger.warning("control channel to the supervisor: %s", e.strerror or e)
         self._lost = True
         if self._on_lost is not None:
             self._on_lost()

@@ -71,11 +71,12 @@ async def test_a_thousand_silent_sockets_delay_nobody_and_are_closed(
     if hard < 2600:
         pytest.skip(f"needs 2,600 file descriptors here, the hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2600), hard))
-    swarm: list[RawClient] = []
+    connects: list[asyncio.Task[RawClient]] = []
     try:
         # startup_timeout leaves the swarm time to be accepted whole on a slow machine.
         proxy = await proxy_factory(pg, proxy={"startup_timeout": 5})
-        swarm = await asyncio.gather(*(RawClient.connect(**at(proxy)) for _ in range(1000)))
+        connects = [asyncio.create_task(RawClient.connect(**at(proxy))) for _ in range(1000)]
+        swarm = await asyncio.gather(*connects)
         await wait_until(lambda: len(proxy.sessions) == 1000, "the swarm accepted")
 
         conn = await asyncpg.connect(**at(proxy), user="app", database="postgres", timeout=5)
@@ -86,8 +87,11 @@ async def test_a_thousand_silent_sockets_delay_nobody_and_are_closed(
         assert closed == [b""] * 1000, "each silent socket closed at startup_timeout, without a word"
         await wait_until(lambda: not proxy.sessions, "no session left")
     finally:
-        for raw in swarm:
-            raw.close()
+        for task in connects:  # also those connected when another failed
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled() and task.exception() is None:
+                task.result().close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -399,6 +400,28 @@ async def test_workers_stop_gracefully_when_the_supervisor_is_killed(
     assert not all(exited(pid) for pid in pids), "the worker with a session waits for it"
     await conn.close()
     await wait_until(lambda: all(exited(pid) for pid in pids), "both workers to exit", timeout=15)
+
+
+async def test_a_worker_sees_its_supervisor_gone_when_the_channel_resets() -> None:
+    # A supervisor killed before it read what this worker sent: the worker reads a reset,
+    # not an end of file, and must take it the same way.
+    from slotproxy.workers import ControlChannel
+
+    ours, theirs = socket.socketpair()
+
+    async def apply(command: str, *args: str) -> None:
+        pass
+
+    channel = ControlChannel(ours.detach(), apply)
+    await channel.start()
+    lost = asyncio.Event()
+    channel.when_lost(lost.set)
+    channel.send("pause", ())
+    await wait_until(lambda: theirs.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"{",
+                     "the message in the supervisor's socket, unread")
+    theirs.close()
+    await asyncio.wait_for(lost.wait(), 5)
+    await channel.close()
 
 
 async def test_json_logs_carry_the_connection_fields(pg: Cluster, start_proxy: Any) -> None:

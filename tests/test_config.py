@@ -131,3 +131,20 @@ def test_a_reload_cannot_leave_a_running_worker_without_its_share() -> None:
     with pytest.raises(ConfigError, match=r"4 workers cannot share admission\.max_queue = 2"):
         config.from_mapping({"proxy": {"workers": 4}, "admission": {"max_queue": 2}}, "test")
     config.from_mapping({"proxy": {"workers": 4}, "admission": {"max_queue": 0}}, "test")  # 0 stays 0
+
+
+@pytest.mark.parametrize(("proxy", "admin", "workers", "clash"), [
+    ("127.0.0.1:6432", "127.0.0.1:6432", 1, True),
+    ("127.0.0.1:6432", "0.0.0.0:6432", 1, True),  # the wildcard takes every IPv4 address
+    ("127.0.0.1:6432", "[::]:6432", 1, False),  # IPv6 only: another family
+    ("127.0.0.1:6432", "127.0.0.1:6431", 2, True),  # worker 1's admin port is 6432
+    ("127.0.0.1:6432", "127.0.0.1:6433", 4, False),
+])
+def test_the_admin_ports_may_not_take_the_proxys(proxy: str, admin: str, workers: int, clash: bool) -> None:
+    data = {"proxy": {"listen": proxy, "workers": workers}, "admin": {"listen": admin},
+            "admission": {"max_backend_slots": 8}}
+    if clash:
+        with pytest.raises(ConfigError, match=r"admin\.listen: .* would take proxy\.listen's"):
+            config.from_mapping(data, "t")
+    else:
+        config.from_mapping(data, "t")

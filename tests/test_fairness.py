@@ -105,6 +105,28 @@ async def test_min_slots_are_guaranteed_while_the_class_waits(pg: Cluster, proxy
     assert all(o.ok for o in await asyncio.gather(*batch, *ops))
 
 
+async def test_a_queue_timeout_says_what_held_the_client(pg: Cluster, proxy_factory: Any) -> None:
+    classes = by_app("cron", cron={"max_slots": 1, "queue_timeout": 0.5})
+    proxy = await proxy_factory(pg, admission={"max_backend_slots": 5, "queue_timeout": 0.5,
+                                               "class": classes})
+
+    async def refused(app: str) -> str:
+        with pytest.raises(asyncpg.TooManyConnectionsError) as e:
+            await asyncpg.connect(**at(proxy), user="app", database="postgres",
+                                  server_settings={"application_name": app})
+        return e.value.detail
+
+    cron = await asyncpg.connect(**at(proxy), user="app", database="postgres",
+                                 server_settings={"application_name": "cron"})
+    # Room on the server, none in the class: the class's key is named, not the server's.
+    assert await refused("cron") == ("0 other clients are waiting; class cron holds 1 of its 1 slots "
+                                     "(admission.class.cron.max_slots).")
+    proxy.pause()
+    assert await refused("web") == "0 other clients are waiting; admission to this server is paused (PAUSE)."
+    proxy.resume()
+    await cron.close()
+
+
 # -- bypass lanes --------------------------------------------------------------------------------
 
 

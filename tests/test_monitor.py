@@ -60,11 +60,7 @@ async def test_capacity_follows_slots_taken_by_others(
     await wait_until(lambda: proxy.gate.admission.waiting == 40, "forty clients waiting")
     for conn in outsiders:
         await conn.close()
-    polls = proxy.monitor.polls
     await wait_until(lambda: len(proxy.gate.admission.holders) > 0, "the first admission")
-    # Freed by others: only a poll tells. One may have started before the closes, or
-    # seen a backend still exiting; the one after it must admit.
-    assert proxy.monitor.polls - polls <= 2, "admitted by the second poll after the slots freed"
 
     results = await asyncio.gather(*clients)
     # A client let into a slot the server did not have would be refused after its password
@@ -217,8 +213,8 @@ async def test_two_proxies_share_one_server(cluster_factory: Any, proxy_factory:
     errors = [r for r in results if isinstance(r, Exception)]
     assert len(results) == 120 and not errors, errors[:3]
     assert all(p.gate.post_auth_refusals == 0 for p in proxies)
-    # 6 slots for non-superusers; each proxy aims at what is free less the headroom, 2.
-    assert peak >= 4, f"the two proxies shared the server's slots: peak {peak}"
+    # 6 slots for non-superusers, less the headroom, 2: what the two may fill between them.
+    assert peak >= 4, f"the proxies left room unused: peak {peak}"
 
 
 async def test_no_fork_storm_when_the_server_comes_back(cluster_factory: Any, proxy_factory: Any) -> None:

@@ -16,7 +16,7 @@ from slotproxy import wire
 from slotproxy.cluster import Cluster
 from slotproxy.server import Proxy
 
-from .conftest import ALICE_PASSWORD, HBA, PROXY_CLOSE_TIMEOUT
+from .conftest import ALICE_PASSWORD, HBA, PROXY_CLOSE_TIMEOUT, wait_until
 from .pgraw import RawClient
 from .tlsfiles import CA
 
@@ -129,6 +129,29 @@ async def test_direct_tls_with_alpn(pg: Cluster, proxy_factory: Any, ca: CA,
     with pytest.raises((ConnectionError, asyncpg.ConnectionDoesNotExistError, ssl.SSLError)):
         await asyncpg.connect(**at(proxy), user="app", database="postgres", ssl=verify_full(ca),
                               direct_tls=True)
+    assert "direct TLS without ALPN 'postgresql': closed" in caplog.text
+    conn = await asyncpg.connect(**at(proxy), user="app", database="postgres", ssl=context,
+                                 direct_tls=True)  # and the proxy serves on
+    assert await conn.fetchval("select 1") == 1
+    await conn.close()
+
+
+async def test_shutdown_cancels_the_running_query_of_a_tls_client(
+        pg: Cluster, proxy_factory: Any, proxy_cert: tuple[Path, Path]) -> None:
+    # A TLS client's session is relayed on transports, whose losses are told in another
+    # order than a plain socket's: the cancel must not depend on it.
+    cert, key = proxy_cert
+    proxy = await proxy_factory(pg, proxy={"shutdown_timeout": 0.5}, tls={
+        "client_tls": "require", "cert_file": str(cert), "key_file": str(key)})
+    busy = await asyncpg.connect(**at(proxy), user="app", database="postgres", ssl="require")
+    query = asyncio.create_task(busy.execute("select pg_sleep(60)"))
+    sleeping = "select count(*) from pg_stat_activity where query = 'select pg_sleep(60)'"
+    await wait_until(lambda: pg.psql(sleeping) == "1", "the query to run")
+    await asyncio.wait_for(proxy.shutdown(), 30)
+    with pytest.raises((asyncpg.ConnectionDoesNotExistError, ConnectionError)):
+        await query
+    await wait_until(lambda: pg.psql(sleeping) == "0", "the backend to stop its query")
+    assert "canceling statement due to user request" in pg.log_text()
 
 
 async def test_bytes_after_sslrequest_before_the_answer_are_refused(
